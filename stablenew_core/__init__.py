@@ -1,0 +1,1 @@
+"""stablenew_core: a Prefect-native orchestrator for Stable Diffusion WebUI pipelines."""
