@@ -32,6 +32,8 @@ JOB_STATUSES: tuple[str, ...] = get_args(JobStatus)
 TERMINAL_STATUSES: frozenset[str] = frozenset({"completed", "failed", "cancelled", "crashed"})
 
 TAG_ROOT = "stablenew"
+OUTPUTS_ARTIFACT_PREFIX = "stablenew-outputs-"
+PROGRESS_ARTIFACT_PREFIX = "stablenew-progress-"
 
 
 def new_job_id() -> str:
@@ -118,14 +120,19 @@ def job_tags(job: Job) -> list[str]:
     return tags
 
 
-class StageOutput(BaseModel):
-    """One image a stage wrote."""
+def artifact_slug(job_id: str) -> str:
+    """``job_id`` as Prefect accepts in artifact keys (lowercase letters, digits, dashes)."""
+    return "".join(ch if ch.isalnum() else "-" for ch in job_id.lower())
 
-    stage: str
-    index: int
-    path: str
-    sha256: str | None = None
-    seed: int | None = None
+
+def outputs_artifact_key(job_id: str) -> str:
+    """The key of the table artifact listing a job's images."""
+    return f"{OUTPUTS_ARTIFACT_PREFIX}{artifact_slug(job_id)}"
+
+
+def progress_artifact_key(job_id: str) -> str:
+    """The key of the progress artifact of a job."""
+    return f"{PROGRESS_ARTIFACT_PREFIX}{artifact_slug(job_id)}"
 
 
 class JobResult(BaseModel):

@@ -108,3 +108,15 @@ class Settings(BaseSettings):
 def get_settings(**overrides: object) -> Settings:
     """Settings from the environment, with explicit overrides (``None`` values are ignored)."""
     return Settings(**{k: v for k, v in overrides.items() if v is not None})
+
+
+def settings_env(settings: Settings) -> dict[str, str]:
+    """``settings`` as ``STABLENEW_*`` environment variables, for a child process."""
+    env: dict[str, str] = {}
+    for name, value in settings.model_dump().items():
+        if value is None:
+            continue
+        if isinstance(value, SecretStr):
+            value = value.get_secret_value()
+        env[f"STABLENEW_{name.upper()}"] = str(value)
+    return env

@@ -1,0 +1,17 @@
+"""Work pool and deployment definitions: what queue mode runs on, created idempotently."""
+
+from .pipeline import (
+    PRIORITY_QUEUES,
+    DeploymentRef,
+    ensure_deployment,
+    ensure_work_pool,
+    find_deployment,
+)
+
+__all__ = [
+    "PRIORITY_QUEUES",
+    "DeploymentRef",
+    "ensure_deployment",
+    "ensure_work_pool",
+    "find_deployment",
+]

@@ -1,0 +1,160 @@
+"""The pipeline flow: one job, run as a task, its stages as tasks inside it.
+
+Reads like the pipeline it runs: wait for the GPU slot, run each planned stage (txt2img, then
+img2img, ADetailer, upscale as enabled), write the manifest, publish the outputs. Everything a
+stage sends to the WebUI or writes to disk lives in :mod:`stablenew_core.stages` and
+:mod:`stablenew_core.outputs`; this module adds tags, retries, caching and artifacts.
+
+Both run modes execute this same function: direct calls it in-process, the queue's worker runs
+it for deployment runs.
+"""
+
+from __future__ import annotations
+
+import time
+from datetime import timedelta
+from typing import Any
+
+from prefect import flow, get_run_logger, tags, task
+from prefect.artifacts import (
+    create_progress_artifact,
+    create_table_artifact,
+    update_progress_artifact,
+)
+from prefect.context import TaskRunContext
+from prefect.states import Cancelled, State
+
+from stablenew_core.errors import JobCancelledError, WebUIError
+from stablenew_core.gpu_slot import GpuSlot
+from stablenew_core.jobs import Job, JobResult, outputs_artifact_key, progress_artifact_key
+from stablenew_core.outputs import job_output_dir, write_manifest
+from stablenew_core.runtime import current_control, current_runtime
+from stablenew_core.stages import StageName, StageResult, planned_stages, run_stage
+
+FLOW_NAME = "stablenew-pipeline"
+
+
+def _stage_cache_key(context: TaskRunContext, parameters: dict[str, Any]) -> str:
+    """Same job, stage and input images -> same key: a re-run resumes after finished stages."""
+    job: Job = parameters["job"]
+    previous: StageResult | None = parameters["previous"]
+    inputs = "-".join(image.sha256[:12] for image in previous.images) if previous else "none"
+    return f"stablenew-{job.job_id}-{parameters['stage']}-{inputs}"
+
+
+def _retry_transient(task: Any, task_run: Any, state: State) -> bool:
+    """Retry only WebUI faults that can pass (unreachable, timeout, dropped connection)."""
+    try:
+        state.result(raise_on_failure=True)
+    except WebUIError as exc:
+        return exc.transient
+    except BaseException:
+        return False
+    return False
+
+
+class _Progress:
+    """A progress artifact for the job, created on the first report, updated at most 1/s."""
+
+    def __init__(self, job: Job) -> None:
+        self.job = job
+        self.stages = planned_stages(job.config)
+        self.artifact_id: Any = None
+        self.last = 0.0
+
+    def report(self, stage: StageName, fraction: float, text: str = "") -> None:
+        position = self.stages.index(stage)
+        percent = 100.0 * (position + max(0.0, min(fraction, 1.0))) / len(self.stages)
+        now = time.monotonic()
+        if now - self.last < 1.0 and fraction < 1.0:
+            return
+        self.last = now
+        description = f"{stage} {text}".strip()
+        if self.artifact_id is None:
+            self.artifact_id = create_progress_artifact(
+                progress=percent,
+                key=progress_artifact_key(self.job.job_id),
+                description=description,
+            )
+        else:
+            update_progress_artifact(self.artifact_id, progress=percent, description=description)
+
+
+@task(
+    name="stage",
+    persist_result=True,
+    cache_key_fn=_stage_cache_key,
+    cache_expiration=timedelta(days=7),
+    retry_condition_fn=_retry_transient,
+)
+def stage_task(job: Job, stage: StageName, previous: StageResult | None) -> StageResult:
+    """Run one stage of the job against the WebUI."""
+    runtime = current_runtime()
+    progress = _Progress(job)
+    return run_stage(
+        runtime.client,
+        job,
+        stage,
+        previous,
+        job_output_dir(runtime.settings.outputs, job),
+        on_progress=lambda fraction, text: progress.report(stage, fraction, text),
+        should_stop=current_control().should_stop,
+        poll_seconds=runtime.settings.progress_poll_seconds,
+    )
+
+
+@task(name="job")
+def job_task(job: Job) -> JobResult | State:
+    """Run every planned stage of one job, holding the GPU slot; write its manifest."""
+    runtime = current_runtime()
+    settings = runtime.settings
+    logger = get_run_logger()
+    control = current_control()
+    stages = planned_stages(job.config)
+    slot = GpuSlot(settings.home / "gpu", settings.webui_url)
+
+    def waiting(holder: str | None) -> None:
+        logger.info("waiting for GPU (held by %s)", holder or "another job")
+
+    stage_runner = stage_task.with_options(
+        tags=set(job.tags()),
+        retries=settings.transient_retries,
+        retry_delay_seconds=settings.retry_backoff_seconds,
+    )
+    results: list[StageResult] = []
+    try:
+        with slot.hold(f"job {job.job_id}", on_wait=waiting, should_stop=control.should_stop):
+            previous: StageResult | None = None
+            for stage in stages:
+                if control.should_stop():
+                    raise JobCancelledError(f"job {job.job_id} cancelled before {stage}")
+                previous = stage_runner.with_options(task_run_name=str(stage))(
+                    job, stage, previous
+                )
+                results.append(previous)
+    except (JobCancelledError, InterruptedError) as exc:
+        return Cancelled(message=f"cancelled: {exc}")
+    manifest = write_manifest(job, results, job_output_dir(settings.outputs, job))
+    final = results[-1]
+    outputs = [image.path for image in final.images]
+    create_table_artifact(
+        key=outputs_artifact_key(job.job_id),
+        table=[
+            {"stage": str(r.stage), "index": i.index, "path": i.path, "seed": i.seed}
+            for r in results
+            for i in r.images
+        ],
+        description=f"Images of job {job.job_id} (final: {len(outputs)})",
+    )
+    return JobResult(
+        job_id=job.job_id, outputs=outputs, manifest_path=str(manifest), seeds=final.seeds
+    )
+
+
+@flow(name=FLOW_NAME, flow_run_name="{job.source}-{job.job_id}", validate_parameters=True)
+def pipeline(job: Job) -> JobResult | State:
+    """Generate the images of one job: txt2img, then each enabled stage."""
+    with tags(*job.tags()):
+        return job_task.with_options(task_run_name=f"job-{job.job_id}", tags=set(job.tags()))(
+            job
+        )

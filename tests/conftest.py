@@ -1,0 +1,134 @@
+"""Shared fixtures: one real Prefect server and one WebUI simulator per test session.
+
+Both are real processes on 127.0.0.1, started by these fixtures and stopped by them. Each test
+gets its own work pool and deployment, so queued runs of one test never reach another's worker.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+# Before anything imports Prefect: telemetry off, Prefect's home in a throwaway place.
+_SESSION_DIR = Path(tempfile.mkdtemp(prefix="stablenew-tests-"))
+os.environ["DO_NOT_TRACK"] = "1"
+os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
+os.environ["PREFECT_HOME"] = str(_SESSION_DIR / "prefect-client")
+os.environ.pop("PREFECT_API_URL", None)
+for _key in list(os.environ):
+    if _key.startswith("STABLENEW_"):
+        del os.environ[_key]
+
+import pytest  # noqa: E402
+
+from stablenew_core.prefect_env import process_env  # noqa: E402
+from stablenew_core.server import LocalServer  # noqa: E402
+from stablenew_core.settings import Settings, settings_env  # noqa: E402
+from stablenew_core.webui.process import SimulatorProcess  # noqa: E402
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+def session_dir() -> Path:
+    return _SESSION_DIR
+
+
+@pytest.fixture(scope="session")
+def prefect_server(session_dir: Path) -> Iterator[Settings]:
+    """A real Prefect server (SQLite) for the whole session; yields its base settings."""
+    settings = Settings(
+        home=session_dir / "home",
+        server_port=free_port(),
+        server_start_timeout=180,
+    )
+    server = LocalServer(settings)
+    server.start(detach=False)
+    try:
+        yield settings
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def webui() -> Iterator[SimulatorProcess]:
+    """The A1111 simulator as a real HTTP server process."""
+    with SimulatorProcess(step_seconds=0.001) as sim:
+        yield sim
+
+
+@pytest.fixture
+def settings(prefect_server: Settings, webui: SimulatorProcess, tmp_path: Path) -> Settings:
+    """Settings for one test: the session's server and simulator, its own pool and outputs."""
+    name = f"t-{uuid.uuid4().hex[:10]}"
+    return prefect_server.model_copy(
+        update={
+            "webui_url": webui.url,
+            "output_dir": tmp_path / "outputs",
+            "work_pool": name,
+            "deployment_name": name,
+            "worker_poll_seconds": 0.05,
+            "worker_heartbeat_seconds": 5.0,
+            "retry_backoff_seconds": 0.1,
+        }
+    )
+
+
+class WorkerProcess:
+    """``stablenew worker`` as a real child process."""
+
+    def __init__(self, settings: Settings, *extra: str) -> None:
+        env = process_env(settings)
+        env.update(settings_env(settings))
+        self.log = settings.home / f"worker-{uuid.uuid4().hex[:6]}.log"
+        self.log.parent.mkdir(parents=True, exist_ok=True)
+        with self.log.open("wb") as out:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "stablenew_core.cli", "worker", *extra],
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+
+    def kill(self) -> None:
+        """kill -9: the worker and its job die together."""
+        self.process.kill()
+        self.process.wait(timeout=10)
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+
+@pytest.fixture
+def start_worker(settings: Settings) -> Iterator[object]:
+    """Start worker processes for this test; all are stopped when it ends."""
+    workers: list[WorkerProcess] = []
+
+    def start(*extra: str, settings_override: Settings | None = None) -> WorkerProcess:
+        worker = WorkerProcess(settings_override or settings, *extra)
+        workers.append(worker)
+        return worker
+
+    yield start
+    for worker in workers:
+        worker.stop()
