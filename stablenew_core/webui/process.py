@@ -151,6 +151,9 @@ class SimulatorProcess:
         for fault in self.faults:
             command += ["--fault", fault]
         env = dict(os.environ)
+        # The child imports this very package, wherever the parent runs from.
+        package_root = str(Path(__file__).resolve().parents[2])
+        env["PYTHONPATH"] = os.pathsep.join([package_root, *filter(None, [env.get("PYTHONPATH")])])
         env.pop("STABLENEW_SIM_AUTH", None)
         if self._auth is not None:
             env["STABLENEW_SIM_AUTH"] = f"{self._auth[0]}:{self._auth[1]}"
