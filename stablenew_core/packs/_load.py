@@ -169,11 +169,13 @@ def _check_preset(
         problems = []
         for error in exc.errors():
             loc = tuple(part for part in error["loc"] if part not in UNION_TAGS)
+            dotted = ".".join(map(str, loc))
             if error["type"] == "extra_forbidden":
-                message = f"unknown preset field {'.'.join(map(str, loc))!r}"
+                message = f"unknown preset field {dotted!r}"
             elif loc:
                 message = (
-                    f"invalid preset value {_short(error.get('input'))}: {error_message(error)}"
+                    f"invalid preset value for {dotted!r} ({_short(error.get('input'))}): "
+                    f"{error_message(error)}"
                 )
             else:
                 message = f"invalid preset: {error_message(error)}"

@@ -85,9 +85,20 @@ class PromptPack(_Model):
     )
 
     def fingerprint(self) -> str:
-        """A hash of the pack's content (not its path, id or seed): seed -1 derives from it."""
-        content = self.model_dump(mode="json", exclude={"path", "pack_id", "seed"})
-        text = json.dumps(content, sort_keys=True, separators=(",", ":"))
+        """A hash of what the pack generates (not its path, id, name or seed).
+
+        Seed -1 derives the start seed from it, so moving, renaming or re-commenting a pack
+        keeps its images; changing a prompt, the matrix, the preset or a wildcard value does not.
+        """
+        content = {
+            "prompts": [[prompt.text, prompt.negative] for prompt in self.prompts],
+            "matrix": self.matrix.model_dump(mode="json"),
+            "preset": self.preset,
+            "images_per_prompt": self.images_per_prompt,
+            "seed_mode": self.seed_mode,
+            "wildcards": self.wildcards,
+        }
+        text = json.dumps(content, sort_keys=True, separators=(",", ":"), default=str)
         return hashlib.sha256(text.encode()).hexdigest()
 
 
