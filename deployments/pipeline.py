@@ -10,10 +10,12 @@ Every function here is idempotent: run it as often as you like.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import cast
 from uuid import UUID
 
 from prefect.client.orchestration import SyncPrefectClient
 from prefect.client.schemas.actions import WorkPoolCreate, WorkPoolUpdate
+from prefect.deployments.runner import RunnerDeployment
 from prefect.exceptions import ObjectNotFound
 from prefect.types.entrypoint import EntrypointType
 
@@ -77,7 +79,7 @@ def ensure_deployment(
 ) -> DeploymentRef:
     """Create or update the pool, its queues and the pipeline deployment; return where to submit."""
     ensure_work_pool(client, work_pool)
-    deployment = pipeline.to_deployment(
+    deployment: RunnerDeployment = pipeline.to_deployment(  # type: ignore[assignment]
         name=deployment_name,
         work_pool_name=work_pool,
         entrypoint_type=EntrypointType.MODULE_PATH,
@@ -85,6 +87,5 @@ def ensure_deployment(
         description="stablenew pipeline: queued jobs, one at a time on the GPU",
         job_variables={"command": "python -m prefect.engine"},
     )
-    deployment_id = deployment.apply()
+    deployment_id = cast(UUID, deployment.apply())
     return DeploymentRef(deployment_id=deployment_id, work_pool=work_pool, name=deployment_name)
-

@@ -128,9 +128,7 @@ def job_task(job: Job) -> JobResult | State:
             for stage in stages:
                 if control.should_stop():
                     raise JobCancelledError(f"job {job.job_id} cancelled before {stage}")
-                previous = stage_runner.with_options(task_run_name=str(stage))(
-                    job, stage, previous
-                )
+                previous = stage_runner.with_options(task_run_name=str(stage))(job, stage, previous)
                 results.append(previous)
     except (JobCancelledError, InterruptedError) as exc:
         return Cancelled(message=f"cancelled: {exc}")
@@ -155,6 +153,4 @@ def job_task(job: Job) -> JobResult | State:
 def pipeline(job: Job) -> JobResult | State:
     """Generate the images of one job: txt2img, then each enabled stage."""
     with tags(*job.tags()):
-        return job_task.with_options(task_run_name=f"job-{job.job_id}", tags=set(job.tags()))(
-            job
-        )
+        return job_task.with_options(task_run_name=f"job-{job.job_id}", tags=set(job.tags()))(job)

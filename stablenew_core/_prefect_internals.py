@@ -71,14 +71,12 @@ def install() -> None:
         original: Callable[..., Any] = flow_engine._send_heartbeats
 
         @contextmanager
-        def send_heartbeats_without_join(
-            engine: Any, join_on_exit: bool = True
-        ) -> Iterator[None]:
+        def send_heartbeats_without_join(engine: Any, join_on_exit: bool = True) -> Iterator[None]:
             with original(engine, join_on_exit=False):
                 yield
 
         send_heartbeats_without_join.__wrapped_original__ = original  # type: ignore[attr-defined]
-        flow_engine._send_heartbeats = send_heartbeats_without_join  # type: ignore[assignment]
+        flow_engine._send_heartbeats = send_heartbeats_without_join
         _installed = True
 
 

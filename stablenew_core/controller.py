@@ -18,7 +18,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel
 
@@ -36,6 +36,9 @@ from .jobs import (
 )
 from .service import JobService
 from .settings import Settings
+
+if TYPE_CHECKING:
+    from .packs import PackEntry
 
 
 class PipelineState(BaseModel):
@@ -116,7 +119,7 @@ class PipelineController:
 
     def run_now(
         self,
-        entries: Iterable[Any] | str | Path,
+        entries: Iterable[PackEntry] | str | Path,
         *,
         run_mode: str | None = None,
         priority: Priority = "normal",
@@ -134,7 +137,7 @@ class PipelineController:
 
     def add_to_queue(
         self,
-        entries: Iterable[Any] | str | Path,
+        entries: Iterable[PackEntry] | str | Path,
         *,
         priority: Priority = "normal",
         **expand: Any,
@@ -147,7 +150,7 @@ class PipelineController:
 
     def pack_jobs(
         self,
-        entries: Iterable[Any] | str | Path,
+        entries: Iterable[PackEntry] | str | Path,
         *,
         run_mode: object,
         source: JobSource,
@@ -159,6 +162,8 @@ class PipelineController:
             from .packs import load_and_expand
 
             entries = load_and_expand(entries, **expand)
+        elif expand:
+            raise TypeError(f"expansion options {sorted(expand)} need a pack path")
         return [
             self.build_job(
                 entry.config,

@@ -8,6 +8,7 @@ are at most 200 runs (Prefect's cap), so larger limits are read page by page.
 
 from __future__ import annotations
 
+import builtins
 from collections.abc import Iterable, Iterator
 from datetime import datetime
 from typing import Any
@@ -282,7 +283,7 @@ class JobHistoryStore:
 
     def _pages(
         self, client: SyncPrefectClient, flow_filter: FlowRunFilter, *, limit: int, offset: int
-    ) -> Iterator[list[FlowRun]]:
+    ) -> Iterator[builtins.list[FlowRun]]:
         remaining = limit
         while remaining > 0:
             page = client.read_flow_runs(

@@ -17,11 +17,12 @@ import threading
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, cast
 
 from prefect import tags
 from prefect.client.orchestration import SyncPrefectClient, get_client
-from prefect.client.schemas.objects import FlowRun, StateType
+from prefect.client.schemas.objects import FlowRun, State, StateType
+from prefect.client.schemas.responses import OrchestrationResult, SetStateStatus
 from prefect.flow_engine import run_flow
 from prefect.states import Pending
 
@@ -103,7 +104,10 @@ class SingleNodeJobRunner:
                 while not self._stop.is_set():
                     flow_run = self._next_run(client)
                     if flow_run is None:
-                        if idle_timeout is not None and time.monotonic() - idle_since > idle_timeout:
+                        if (
+                            idle_timeout is not None
+                            and time.monotonic() - idle_since > idle_timeout
+                        ):
                             break
                         self._stop.wait(s.worker_poll_seconds)
                         continue
@@ -127,11 +131,11 @@ class SingleNodeJobRunner:
         )
         for response in responses:
             flow_run = response.flow_run
-            state = client.set_flow_run_state(
+            claim: OrchestrationResult[Any] = client.set_flow_run_state(
                 flow_run.id, Pending(message=claim_message(self.worker_name)), force=False
             )
-            if state.status.value == "ACCEPT":
-                flow_run.state = state.state
+            if claim.status == SetStateStatus.ACCEPT:
+                flow_run.state = claim.state
                 return flow_run
         return None
 
@@ -142,13 +146,13 @@ class SingleNodeJobRunner:
         watcher.start()
         try:
             with use_control(control):
-                state = run_flow(pipeline, flow_run=flow_run, return_type="state")
+                state = cast(State, run_flow(pipeline, flow_run=flow_run, return_type="state"))
         except BaseException:
             logger.exception("flow run %s ended with an unexpected error", flow_run.id)
             raise
         finally:
             watcher.stop()
-        if job is None or not hasattr(state, "type"):
+        if job is None:
             return None
         return build_record(
             job,
@@ -179,7 +183,7 @@ class _CancelWatcher:
         with prefect_settings(self.settings), get_client(sync_client=True) as client:
             while not self._done.wait(CANCEL_POLL_SECONDS):
                 try:
-                    run = client.read_flow_run(self.flow_run_id)
+                    run: FlowRun = client.read_flow_run(self.flow_run_id)
                 except Exception:
                     continue
                 if run.state_type in (StateType.CANCELLING, StateType.CANCELLED):

@@ -151,4 +151,3 @@ class JobService:
             if record.is_terminal or time.monotonic() > deadline:
                 return record
             time.sleep(poll)
-

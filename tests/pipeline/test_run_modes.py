@@ -28,7 +28,9 @@ from stablenew_core.prefect_env import prefect_settings
 
 def generations_for(webui: Any, job_id: str) -> list[dict[str, Any]]:
     return [
-        g for g in webui.stats()["generations"] if str(g.get("force_task_id", "")).startswith(job_id)
+        g
+        for g in webui.stats()["generations"]
+        if str(g.get("force_task_id", "")).startswith(job_id)
     ]
 
 
@@ -168,8 +170,16 @@ def test_unknown_run_mode_falls_back_to_queue_with_a_warning(
         job = controller.build_job(CONFIG, run_mode="fast", source="run", prompt_source="manual")
     assert job.run_mode == "queue"
     assert "fast" in caplog.text
-    assert controller.build_job(CONFIG, run_mode="", source="run", prompt_source="manual").run_mode == "queue"
-    assert controller.build_job(CONFIG, run_mode=" DIRECT ", source="run", prompt_source="manual").run_mode == "direct"
+    assert (
+        controller.build_job(CONFIG, run_mode="", source="run", prompt_source="manual").run_mode
+        == "queue"
+    )
+    assert (
+        controller.build_job(
+            CONFIG, run_mode=" DIRECT ", source="run", prompt_source="manual"
+        ).run_mode
+        == "direct"
+    )
 
 
 def test_invalid_values_are_errors_that_name_the_field(settings: Settings) -> None:
@@ -196,7 +206,9 @@ def test_legacy_job_dict_loads_with_defaults() -> None:
 
 def test_same_job_submitted_twice_is_one_run(settings: Settings, webui: Any) -> None:
     controller = PipelineController(settings=settings)
-    queued = controller.build_job(CONFIG, run_mode="queue", source="add_to_queue", prompt_source="manual")
+    queued = controller.build_job(
+        CONFIG, run_mode="queue", source="add_to_queue", prompt_source="manual"
+    )
     first, second = controller.submit([queued, queued])
     assert first.flow_run_id == second.flow_run_id
 
