@@ -479,6 +479,173 @@ def webui_sim(
     simulator_main(args)
 
 
+# -- packs ----------------------------------------------------------------------------------
+
+PackFileArg = Annotated[Path, typer.Argument(help="A .txt or .json prompt pack.")]
+ImagesOpt = Annotated[
+    int | None, typer.Option("--images-per-prompt", help="Jobs per prompt and variant.")
+]
+SeedModeOpt = Annotated[str | None, typer.Option("--seed-mode", help="fixed, increment or random.")]
+MaxJobsOpt = Annotated[int, typer.Option("--max-jobs", help="Cap on expanded jobs (<= 8192).")]
+
+
+def _pack_base(
+    steps: int | None, width: int | None, height: int | None, sampler: str | None,
+    model: str | None, cfg: float | None,
+) -> dict[str, Any]:  # fmt: skip
+    fields = {
+        "steps": steps,
+        "width": width,
+        "height": height,
+        "sampler_name": sampler,
+        "model": model,
+        "cfg_scale": cfg,
+    }
+    return {key: value for key, value in fields.items() if value is not None}
+
+
+def _expand_options(
+    images_per_prompt: int | None, seed_mode: str | None, seed: int | None, max_jobs: int,
+    base: dict[str, Any],
+) -> dict[str, Any]:  # fmt: skip
+    from .packs import DEFAULT_MAX_JOBS
+
+    return {
+        "images_per_prompt": images_per_prompt,
+        "seed_mode": _choice("--seed-mode", seed_mode, ("fixed", "increment", "random")),
+        "seed": seed,
+        "max_jobs": max_jobs or DEFAULT_MAX_JOBS,
+        "base": base or None,
+    }
+
+
+@pack_app.command("show")
+def pack_show(
+    file: PackFileArg,
+    images_per_prompt: ImagesOpt = None,
+    seed_mode: SeedModeOpt = None,
+    seed: SeedOpt = None,
+    max_jobs: MaxJobsOpt = 0,
+    steps: StepsOpt = None,
+    width: WidthOpt = None,
+    height: HeightOpt = None,
+    sampler: SamplerOpt = None,
+    model: ModelOpt = None,
+    cfg: CfgOpt = None,
+) -> None:
+    """Show the jobs a pack expands to; nothing is submitted."""
+
+    def go() -> None:
+        from .packs import load_and_expand
+
+        base = _pack_base(steps, width, height, sampler, model, cfg)
+        entries = load_and_expand(
+            file, **_expand_options(images_per_prompt, seed_mode, seed, max_jobs, base)
+        )
+        table = Table(title=f"{file.name}: {len(entries)} jobs (pack {entries[0].pack_id})")
+        for column in ("#", "prompt", "negative", "variant", "seed", "size", "steps"):
+            table.add_column(column)
+        for e in entries:
+            c = e.config
+            table.add_row(
+                str(e.index),
+                c.prompt,
+                c.negative_prompt,
+                ", ".join(f"{k}={v}" for k, v in e.variant.items()),
+                str(c.seed),
+                f"{c.width}x{c.height}",
+                str(c.steps),
+            )
+        console.print(table)
+
+    _guarded(go)
+
+
+def _submit_pack(
+    action: str,
+    file: Path,
+    run_mode: str | None,
+    priority: str,
+    expand: dict[str, Any],
+    settings: Settings,
+) -> None:
+    controller = _controller(settings)
+    if action == "run_now":
+        records = controller.run_now(
+            file, run_mode=run_mode, priority=_priority(priority), **expand
+        )
+    else:
+        records = controller.add_to_queue(file, priority=_priority(priority), **expand)
+    for record in records:
+        console.print(
+            f"{record.job_id} {record.status} {record.run_mode} " + " ".join(record.outputs),
+            highlight=False,
+            markup=False,
+        )
+    if any(r.status in ("failed", "crashed", "cancelled") for r in records):
+        raise typer.Exit(1)
+
+
+@pack_app.command("run-now")
+def pack_run_now(
+    file: PackFileArg,
+    mode: Annotated[
+        str | None, typer.Option("--mode", help="direct or queue (default queue).")
+    ] = None,
+    priority: PriorityOpt = "normal",
+    images_per_prompt: ImagesOpt = None,
+    seed_mode: SeedModeOpt = None,
+    seed: SeedOpt = None,
+    max_jobs: MaxJobsOpt = 0,
+    steps: StepsOpt = None,
+    width: WidthOpt = None,
+    height: HeightOpt = None,
+    sampler: SamplerOpt = None,
+    model: ModelOpt = None,
+    cfg: CfgOpt = None,
+    webui: WebUIOpt = None,
+    home: HomeOpt = None,
+    output_dir: OutputOpt = None,
+) -> None:
+    """Run Now: every job of the pack, in the run mode given (direct waits for each)."""
+
+    def go() -> None:
+        settings = _settings(home=home, webui_url=webui, output_dir=output_dir)
+        base = _pack_base(steps, width, height, sampler, model, cfg)
+        expand = _expand_options(images_per_prompt, seed_mode, seed, max_jobs, base)
+        run_mode = _choice("--mode", mode, RUN_MODES) if mode is not None else None
+        _submit_pack("run_now", file, run_mode, priority, expand, settings)
+
+    _guarded(go)
+
+
+@pack_app.command("queue")
+def pack_queue(
+    file: PackFileArg,
+    priority: PriorityOpt = "normal",
+    images_per_prompt: ImagesOpt = None,
+    seed_mode: SeedModeOpt = None,
+    seed: SeedOpt = None,
+    max_jobs: MaxJobsOpt = 0,
+    steps: StepsOpt = None,
+    width: WidthOpt = None,
+    height: HeightOpt = None,
+    sampler: SamplerOpt = None,
+    model: ModelOpt = None,
+    cfg: CfgOpt = None,
+    home: HomeOpt = None,
+) -> None:
+    """Add to Queue: every job of the pack, queued."""
+
+    def go() -> None:
+        settings = _settings(home=home)
+        base = _pack_base(steps, width, height, sampler, model, cfg)
+        expand = _expand_options(images_per_prompt, seed_mode, seed, max_jobs, base)
+        _submit_pack("add_to_queue", file, None, priority, expand, settings)
+
+    _guarded(go)
+
+
 @app.command()
 def demo(
     webui: Annotated[
