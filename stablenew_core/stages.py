@@ -242,7 +242,8 @@ def _adetailer_unit(config: PipelineConfig) -> dict[str, Any]:
 
 
 def _multiple_of_8(value: float) -> int:
-    return max(8, round(value / 8) * 8)
+    """The nearest multiple of 8 (halves round up), at least 8."""
+    return max(8, int(value / 8 + 0.5) * 8)
 
 
 def _source_image(previous: StageResult, image_index: int, stage: StageName) -> StageImage:
