@@ -701,13 +701,10 @@ class _Handlers:
             return Response(status_code=204)
 
         try:
-            plan = await self._plan(route, body, raw)
+            self._check(body)  # what A1111 refuses before it queues the request
         except _HTTPError as exc:
             record.update(outcome="rejected", status_code=exc.status, finished_at=time.time())
             return exc.response()
-        record["model"] = plan.model.title
-        if plan.model_fallback:
-            record["model_fallback"] = True
 
         task_id: str | None = None
         if route != "extra-single-image":
@@ -715,20 +712,26 @@ class _Handlers:
             sim.pending[task_id] = time.time()
         record["task_id"] = task_id
 
+        # No await between reading the body and queueing: the lock's FIFO is arrival order.
         async with sim.lock:
             if task_id is not None:
                 sim.pending.pop(task_id, None)
-            job = _Job(
-                task_id=task_id,
-                job=plan.job,
-                job_count=len(plan.passes) * plan.n_iter,
-                started=time.time(),
-            )
+            job = _Job(task_id=task_id, job=route, job_count=1, started=time.time())
             sim.current = job
             sim.active += 1
             sim.max_concurrent = max(sim.max_concurrent, sim.active)
             record["started_at"] = job.started
             try:
+                try:
+                    plan = await self._plan(route, body, raw)
+                except _HTTPError as exc:
+                    record.update(outcome="rejected", status_code=exc.status)
+                    return exc.response()
+                record["model"] = plan.model.title
+                if plan.model_fallback:
+                    record["model_fallback"] = True
+                job.job = plan.job
+                job.job_count = len(plan.passes) * plan.n_iter
                 return await self._run(plan, job, fault, record)
             finally:
                 sim.active -= 1
@@ -737,11 +740,27 @@ class _Handlers:
                     sim.finished.append(task_id)
                 record["finished_at"] = time.time()
 
-    async def _plan(self, route: str, body: BaseModel, raw: dict[str, Any]) -> _Plan:
+    def _check(self, body: BaseModel) -> None:
         sim = self.sim
         if isinstance(body, _ExtrasBody):
             if not body.image:
                 raise _HTTPError(500, "Invalid encoded image")
+            return
+        assert isinstance(body, _ProcessingBody)
+        if body.script_name:
+            raise _HTTPError(422, f"Script '{body.script_name}' not found")
+        for name in body.alwayson_scripts or {}:
+            if not sim.script_known(name):
+                raise _HTTPError(422, f"always on script {name} not found")
+        sampler = body.sampler_name or body.sampler_index
+        if sampler is not None and not sim.sampler_known(sampler):
+            raise _HTTPError(404, "Sampler not found")
+        if isinstance(body, _Img2ImgBody) and body.init_images is None:
+            raise _HTTPError(404, "Init image not found")
+
+    async def _plan(self, route: str, body: BaseModel, raw: dict[str, Any]) -> _Plan:
+        sim = self.sim
+        if isinstance(body, _ExtrasBody):
             source = await asyncio.to_thread(_decode_image, body.image)
             model = sim.current_model()
             return _Plan(
@@ -765,14 +784,7 @@ class _Handlers:
                 sampler=None,
             )
         assert isinstance(body, _ProcessingBody)
-        if body.script_name:
-            raise _HTTPError(422, f"Script '{body.script_name}' not found")
-        for name in body.alwayson_scripts or {}:
-            if not sim.script_known(name):
-                raise _HTTPError(422, f"always on script {name} not found")
         sampler = body.sampler_name or body.sampler_index
-        if sampler is not None and not sim.sampler_known(sampler):
-            raise _HTTPError(404, "Sampler not found")
         overrides = body.override_settings or {}
         wanted = overrides.get("sd_model_checkpoint")
         found = sim.find_model(wanted) if wanted else sim.current_model()
@@ -790,8 +802,7 @@ class _Handlers:
         init: list[Image.Image] = []
         denoising = body.denoising_strength
         if isinstance(body, _Img2ImgBody):
-            if body.init_images is None:
-                raise _HTTPError(404, "Init image not found")
+            assert body.init_images is not None  # checked before queueing
             init = [await asyncio.to_thread(_decode_image, item) for item in body.init_images]
             if not init:
                 raise _HTTPError(500, error="IndexError", errors="list index out of range")
