@@ -21,15 +21,20 @@ from prefect.artifacts import (
     create_table_artifact,
     update_progress_artifact,
 )
-from prefect.context import TaskRunContext
+from prefect.client.schemas.objects import FlowRun
+from prefect.context import FlowRunContext, TaskRunContext
 from prefect.states import Cancelled, State
 
 from stablenew_core.errors import JobCancelledError, WebUIError
 from stablenew_core.gpu_slot import GpuSlot
 from stablenew_core.jobs import Job, JobResult, outputs_artifact_key, progress_artifact_key
+from stablenew_core.notify import notify_terminal
 from stablenew_core.outputs import job_output_dir, write_manifest
+from stablenew_core.records import build_record, job_from_parameters, outputs_from_result
 from stablenew_core.runtime import current_control, current_runtime
 from stablenew_core.stages import StageName, StageResult, planned_stages, run_stage
+
+from ._cancel import CancelWatcher
 
 FLOW_NAME = "stablenew-pipeline"
 
@@ -122,8 +127,13 @@ def job_task(job: Job) -> JobResult | State:
         retry_delay_seconds=settings.retry_backoff_seconds,
     )
     results: list[StageResult] = []
+    flow_context = FlowRunContext.get()
+    flow_run_id = flow_context.flow_run.id if flow_context and flow_context.flow_run else None
     try:
-        with slot.hold(f"job {job.job_id}", on_wait=waiting, should_stop=control.should_stop):
+        with (
+            CancelWatcher(flow_run_id, control),
+            slot.hold(f"job {job.job_id}", on_wait=waiting, should_stop=control.should_stop),
+        ):
             previous: StageResult | None = None
             for stage in stages:
                 if control.should_stop():
@@ -149,7 +159,37 @@ def job_task(job: Job) -> JobResult | State:
     )
 
 
-@flow(name=FLOW_NAME, flow_run_name="{job.source}-{job.job_id}", validate_parameters=True)
+def _notify(flow: Any, flow_run: FlowRun, state: State) -> None:
+    """Flow state hook: tell the webhook (if any) that the job reached a terminal state."""
+    settings = current_runtime().settings
+    job = job_from_parameters(flow_run.parameters)
+    if not settings.webhook_url or job is None:
+        return
+    record = build_record(
+        job,
+        state=state,
+        flow_run_id=str(flow_run.id),
+        outputs=outputs_from_result(state),
+        started_at=flow_run.start_time,
+        finished_at=state.timestamp,
+    )
+    notify_terminal(
+        settings.webhook_url,
+        record,
+        attempts=settings.webhook_attempts,
+        backoff_seconds=settings.webhook_backoff_seconds,
+    )
+
+
+@flow(
+    name=FLOW_NAME,
+    flow_run_name="{job.source}-{job.job_id}",
+    validate_parameters=True,
+    on_completion=[_notify],
+    on_failure=[_notify],
+    on_cancellation=[_notify],
+    on_crashed=[_notify],
+)
 def pipeline(job: Job) -> JobResult | State:
     """Generate the images of one job: txt2img, then each enabled stage."""
     with tags(*job.tags()):

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel
 
-from .config import PipelineConfig, redact
+from .config import PipelineConfig
 from .jobs import (
     Job,
     JobRecord,
@@ -30,6 +30,7 @@ from .jobs import (
     Priority,
     PromptSource,
     RunMode,
+    make_job,
     new_job_id,
     normalize_run_mode,
     utc_now,
@@ -74,21 +75,20 @@ class PipelineController:
         prompt_pack_id: str | None = None,
         priority: Priority = "normal",
         retried_from: str | None = None,
-        job_id: str | None = None,
+        idempotency_key: str | None = None,
     ) -> Job:
         """A job with every field filled; ``run_mode`` normalised as the seed spec says."""
-        mode: RunMode = normalize_run_mode(run_mode)
-        return Job(
-            job_id=job_id or self._job_id_factory(),
-            created_at=self._clock(),
-            config=config,
-            run_mode=mode,
+        return make_job(
+            config,
+            run_mode=run_mode,
             source=source,
             prompt_source=prompt_source,
-            prompt_pack_id=prompt_pack_id if prompt_source == "pack" else None,
-            config_snapshot=redact(config.to_dict()),
+            prompt_pack_id=prompt_pack_id,
             priority=priority,
             retried_from=retried_from,
+            idempotency_key=idempotency_key,
+            job_id=self._job_id_factory(),
+            created_at=self._clock(),
         )
 
     def _mode(self, explicit: object, default: RunMode) -> object:

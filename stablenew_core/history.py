@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import builtins
 from collections.abc import Iterable, Iterator
-from datetime import datetime
 from typing import Any
 
 from prefect.client.orchestration import SyncPrefectClient, get_client
@@ -23,48 +22,16 @@ from prefect.client.schemas.filters import (
     FlowRunFilterStateType,
     FlowRunFilterTags,
 )
-from prefect.client.schemas.objects import FlowRun, State, StateType
+from prefect.client.schemas.objects import FlowRun, StateType
 from prefect.client.schemas.sorting import FlowRunSort
-from pydantic import ValidationError
 
 from .errors import ConfigError, JobNotFoundError
-from .jobs import (
-    JOB_STATUSES,
-    OUTPUTS_ARTIFACT_PREFIX,
-    TAG_ROOT,
-    Job,
-    JobRecord,
-    JobResult,
-    JobStatus,
-)
+from .jobs import OUTPUTS_ARTIFACT_PREFIX, TAG_ROOT, JobRecord
 from .prefect_env import prefect_settings
+from .records import record_from_flow_run, state_types_for
 from .settings import Settings
 
 PAGE_SIZE = 200
-
-# The one mapping from Prefect's state types to job statuses.
-STATUS_BY_STATE_TYPE: dict[StateType, JobStatus] = {
-    StateType.SCHEDULED: "queued",
-    StateType.PENDING: "queued",
-    StateType.PAUSED: "queued",
-    StateType.RUNNING: "running",
-    StateType.CANCELLING: "running",
-    StateType.COMPLETED: "completed",
-    StateType.FAILED: "failed",
-    StateType.CANCELLED: "cancelled",
-    StateType.CRASHED: "crashed",
-}
-
-
-def state_types_for(statuses: Iterable[str]) -> list[StateType]:
-    """The Prefect state types that show as any of ``statuses``."""
-    wanted = set(statuses)
-    unknown = wanted - set(JOB_STATUSES)
-    if unknown:
-        raise ConfigError(
-            f"unknown status {sorted(unknown)}; expected one of {', '.join(JOB_STATUSES)}"
-        )
-    return [state for state, status in STATUS_BY_STATE_TYPE.items() if status in wanted]
 
 
 def filter_tags(
@@ -89,84 +56,6 @@ def filter_tags(
     return tags
 
 
-def _state_error(state: State | None) -> str | None:
-    if state is None or state.type not in (StateType.FAILED, StateType.CRASHED):
-        if state is not None and state.type == StateType.CANCELLED:
-            return state.message or "cancelled"
-        return None
-    return state.message or state.name
-
-
-def job_from_parameters(parameters: dict[str, Any]) -> Job | None:
-    """The job a flow run was created for, or None if its parameters are not a job."""
-    raw = parameters.get("job")
-    if isinstance(raw, Job):
-        return raw
-    if not isinstance(raw, dict):
-        return None
-    try:
-        return Job.model_validate(raw)
-    except ValidationError:
-        return None
-
-
-def build_record(
-    job: Job,
-    *,
-    state: State | None,
-    flow_run_id: str | None,
-    outputs: list[str],
-    started_at: datetime | None = None,
-    finished_at: datetime | None = None,
-) -> JobRecord:
-    """A job's record from its job and its run's state."""
-    status: JobStatus = STATUS_BY_STATE_TYPE[state.type] if state is not None else "queued"
-    return JobRecord(
-        job_id=job.job_id,
-        run_mode=job.run_mode,
-        source=job.source,
-        prompt_source=job.prompt_source,
-        prompt_pack_id=job.prompt_pack_id,
-        config_snapshot=job.config_snapshot,
-        status=status,
-        state_name=state.name if state is not None else None,
-        created_at=job.created_at,
-        started_at=started_at,
-        finished_at=finished_at if status not in ("queued", "running") else None,
-        error=_state_error(state),
-        outputs=outputs,
-        flow_run_id=flow_run_id,
-        priority=job.priority,
-        retried_from=job.retried_from,
-    )
-
-
-def record_from_flow_run(flow_run: FlowRun, outputs: list[str]) -> JobRecord | None:
-    """A job's record from its flow run (None if the run is not a stablenew job)."""
-    job = job_from_parameters(flow_run.parameters)
-    if job is None:
-        return None
-    return build_record(
-        job,
-        state=flow_run.state,
-        flow_run_id=str(flow_run.id),
-        outputs=outputs,
-        started_at=flow_run.start_time,
-        finished_at=flow_run.end_time,
-    )
-
-
-def outputs_from_result(state: State) -> list[str]:
-    """The image paths of a finished in-process run, without an API call."""
-    if state.type != StateType.COMPLETED:
-        return []
-    try:
-        result = state.result(raise_on_failure=False)
-    except Exception:
-        return []
-    return list(result.outputs) if isinstance(result, JobResult) else []
-
-
 class JobHistoryStore:
     """Read-only view of every job's record, straight from Prefect."""
 
@@ -185,18 +74,18 @@ class JobHistoryStore:
         prompt_pack_id: str | None,
         status: str | Iterable[str] | None,
         job_id: str | None = None,
+        key: str | None = None,
     ) -> FlowRunFilter:
-        flow_filter = FlowRunFilter(
-            tags=FlowRunFilterTags(
-                all_=filter_tags(
-                    run_mode=run_mode,
-                    source=source,
-                    prompt_source=prompt_source,
-                    prompt_pack_id=prompt_pack_id,
-                    job_id=job_id,
-                )
-            )
+        tags = filter_tags(
+            run_mode=run_mode,
+            source=source,
+            prompt_source=prompt_source,
+            prompt_pack_id=prompt_pack_id,
+            job_id=job_id,
         )
+        if key:
+            tags.append(f"key:{key}")
+        flow_filter = FlowRunFilter(tags=FlowRunFilterTags(all_=tags))
         if status:
             statuses = [status] if isinstance(status, str) else list(status)
             flow_filter.state = FlowRunFilterState(
@@ -300,8 +189,10 @@ class JobHistoryStore:
             if len(page) < min(remaining + len(page), PAGE_SIZE):
                 return
 
-    def find(self, job_id: str) -> JobRecord | None:
-        """The newest record of ``job_id``, or None."""
+    def find(self, job_id: str | None = None, *, key: str | None = None) -> JobRecord | None:
+        """The newest record of ``job_id`` (or of the job submitted with idempotency ``key``)."""
+        if not job_id and not key:
+            raise ConfigError("find needs a job id or an idempotency key")
         flow_filter = self._flow_run_filter(
             run_mode=None,
             source=None,
@@ -309,6 +200,7 @@ class JobHistoryStore:
             prompt_pack_id=None,
             status=None,
             job_id=job_id,
+            key=key,
         )
         with prefect_settings(self.settings), self._client() as client:
             runs = client.read_flow_runs(

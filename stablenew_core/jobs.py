@@ -14,7 +14,7 @@ from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from .config import PipelineConfig
+from .config import PipelineConfig, redact
 
 logger = logging.getLogger("stablenew_core")
 
@@ -78,6 +78,7 @@ class Job(BaseModel):
     config_snapshot: dict[str, Any] | None = None
     priority: Priority = "normal"
     retried_from: str | None = None
+    idempotency_key: str | None = Field(default=None, min_length=1, max_length=200)
 
     @field_validator("job_id")
     @classmethod
@@ -117,7 +118,43 @@ def job_tags(job: Job) -> list[str]:
         tags.append(f"pack:{job.prompt_pack_id}")
     if job.retried_from:
         tags.append(f"retried_from:{job.retried_from}")
+    if job.idempotency_key:
+        tags.append(f"key:{job.idempotency_key}")
     return tags
+
+
+def make_job(
+    config: PipelineConfig,
+    *,
+    run_mode: object,
+    source: JobSource,
+    prompt_source: PromptSource,
+    prompt_pack_id: str | None = None,
+    priority: Priority = "normal",
+    retried_from: str | None = None,
+    idempotency_key: str | None = None,
+    job_id: str | None = None,
+    created_at: datetime | None = None,
+) -> Job:
+    """A job with every field filled: the one function that builds jobs.
+
+    ``run_mode`` is normalised (:func:`normalize_run_mode`); ``config_snapshot`` is the
+    config's dict with secrets removed; a pack id is kept only for ``prompt_source="pack"``.
+    :meth:`PipelineController.build_job` calls this with its id factory and clock.
+    """
+    return Job(
+        job_id=job_id or new_job_id(),
+        created_at=created_at or utc_now(),
+        config=config,
+        run_mode=normalize_run_mode(run_mode),
+        source=source,
+        prompt_source=prompt_source,
+        prompt_pack_id=prompt_pack_id if prompt_source == "pack" else None,
+        config_snapshot=redact(config.to_dict()),
+        priority=priority,
+        retried_from=retried_from,
+        idempotency_key=idempotency_key,
+    )
 
 
 def artifact_slug(job_id: str) -> str:

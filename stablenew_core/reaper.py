@@ -30,6 +30,8 @@ from prefect.client.schemas.filters import (
 from prefect.client.schemas.objects import FlowRun, StateType
 from prefect.states import Crashed, Scheduled
 
+from .notify import notify_terminal
+from .records import record_from_flow_run
 from .settings import Settings
 
 logger = logging.getLogger("stablenew_core.reaper")
@@ -151,7 +153,9 @@ class Reaper:
         earlier_crashes = sum(1 for s in states if s.type == StateType.CRASHED)
         logger.warning("flow run %s crashed: %s", run.id, reason)
         self.client.set_flow_run_state(run.id, Crashed(message=reason), force=True)
-        if self.settings.crash_policy == "resume_once" and earlier_crashes == 0:
+        if self.settings.crash_policy != "resume_once" or earlier_crashes > 0:
+            self._notify_crashed(run, reason)
+        else:
             self.client.set_flow_run_state(
                 run.id,
                 Scheduled(
@@ -160,4 +164,16 @@ class Reaper:
                     scheduled_time=run.expected_start_time or datetime.now(UTC),
                 ),
                 force=True,
+            )
+
+    def _notify_crashed(self, run: FlowRun, reason: str) -> None:
+        s = self.settings
+        crashed = self.client.read_flow_run(run.id)
+        record = record_from_flow_run(crashed, outputs=[])
+        if record is not None:
+            notify_terminal(
+                s.webhook_url,
+                record,
+                attempts=s.webhook_attempts,
+                backoff_seconds=s.webhook_backoff_seconds,
             )

@@ -21,7 +21,7 @@ from typing import Any, cast
 
 from prefect import tags
 from prefect.client.orchestration import SyncPrefectClient, get_client
-from prefect.client.schemas.objects import FlowRun, State, StateType
+from prefect.client.schemas.objects import FlowRun, State
 from prefect.client.schemas.responses import OrchestrationResult, SetStateStatus
 from prefect.flow_engine import run_flow
 from prefect.states import Pending
@@ -29,16 +29,16 @@ from prefect.states import Pending
 from flows.pipeline import pipeline
 from stablenew_core import _prefect_internals
 
-from .history import build_record, job_from_parameters, outputs_from_result
 from .jobs import Job, JobRecord
 from .prefect_env import prefect_settings
 from .reaper import Reaper, claim_message
+from .records import build_record, job_from_parameters, outputs_from_result
 from .runtime import RunControl, Runtime, use_control, use_runtime
 from .settings import Settings
 
 logger = logging.getLogger("stablenew_core.worker")
 
-CANCEL_POLL_SECONDS = 1.0
+API_RETRY_SECONDS = 2.0
 
 
 class SingleNodeJobRunner:
@@ -102,7 +102,12 @@ class SingleNodeJobRunner:
             try:
                 idle_since = time.monotonic()
                 while not self._stop.is_set():
-                    flow_run = self._next_run(client)
+                    try:
+                        flow_run = self._next_run(client)
+                    except Exception as exc:  # server restarting, network blip: wait, retry
+                        logger.warning("cannot reach Prefect (%s); retrying", exc)
+                        self._stop.wait(API_RETRY_SECONDS)
+                        continue
                     if flow_run is None:
                         if (
                             idle_timeout is not None
@@ -141,17 +146,8 @@ class SingleNodeJobRunner:
 
     def _execute(self, client: SyncPrefectClient, flow_run: FlowRun) -> JobRecord | None:
         job = job_from_parameters(flow_run.parameters)
-        control = RunControl()
-        watcher = _CancelWatcher(flow_run.id, control, self.settings)
-        watcher.start()
-        try:
-            with use_control(control):
-                state = cast(State, run_flow(pipeline, flow_run=flow_run, return_type="state"))
-        except BaseException:
-            logger.exception("flow run %s ended with an unexpected error", flow_run.id)
-            raise
-        finally:
-            watcher.stop()
+        with use_control(RunControl()):
+            state = cast(State, run_flow(pipeline, flow_run=flow_run, return_type="state"))
         if job is None:
             return None
         return build_record(
@@ -161,35 +157,6 @@ class SingleNodeJobRunner:
             outputs=outputs_from_result(state),
             finished_at=state.timestamp,
         )
-
-
-class _CancelWatcher:
-    """Polls the running flow run's state; sets the run's cancel event on Cancelling."""
-
-    def __init__(self, flow_run_id: Any, control: RunControl, settings: Settings) -> None:
-        self.flow_run_id = flow_run_id
-        self.control = control
-        self.settings = settings
-        self._done = threading.Event()
-        self._thread = threading.Thread(target=self._loop, daemon=True, name="cancel-watcher")
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._done.set()
-
-    def _loop(self) -> None:
-        with prefect_settings(self.settings), get_client(sync_client=True) as client:
-            while not self._done.wait(CANCEL_POLL_SECONDS):
-                try:
-                    run: FlowRun = client.read_flow_run(self.flow_run_id)
-                except Exception:
-                    continue
-                if run.state_type in (StateType.CANCELLING, StateType.CANCELLED):
-                    logger.info("flow run %s: cancellation requested", self.flow_run_id)
-                    self.control.cancel_requested.set()
-                    return
 
 
 class _Heartbeat:

@@ -10,21 +10,74 @@ idempotency key: submitting the same job twice makes one run.
 from __future__ import annotations
 
 import logging
+from datetime import UTC, datetime, timedelta
+from typing import Any
 from uuid import UUID
 
 from prefect.client.orchestration import SyncPrefectClient, get_client
+from prefect.client.schemas.actions import WorkPoolUpdate
+from prefect.client.schemas.filters import (
+    FlowRunFilter,
+    FlowRunFilterState,
+    FlowRunFilterStateType,
+    FlowRunFilterTags,
+    WorkPoolFilter,
+    WorkPoolFilterName,
+)
+from prefect.client.schemas.objects import StateType
+from prefect.client.schemas.sorting import FlowRunSort
+from prefect.states import Cancelled, Cancelling, Scheduled
+from pydantic import BaseModel, ValidationError
 
 from deployments import PRIORITY_QUEUES, DeploymentRef, ensure_deployment, find_deployment
 
-from .errors import RunModeError
-from .history import JobHistoryStore, build_record
-from .jobs import Job, JobRecord
+from .config import PipelineConfig
+from .errors import ConfigError, JobNotFoundError, JobStateError, RunModeError
+from .history import JobHistoryStore
+from .jobs import TAG_ROOT, Job, JobRecord, make_job
+from .notify import notify_terminal
 from .prefect_env import prefect_settings
+from .records import build_record, job_from_parameters
 from .runner import SingleNodeJobRunner
 from .server import ensure_server
 from .settings import Settings
 
 logger = logging.getLogger("stablenew_core")
+
+
+PAGE_LIMIT = 200
+RETRYABLE_STATUSES = frozenset({"failed", "crashed", "cancelled"})
+
+
+class WorkerInfo(BaseModel):
+    """A worker of the pool, as Prefect last heard from it."""
+
+    name: str
+    status: str
+    last_heartbeat: datetime | None = None
+
+
+class QueueStatus(BaseModel):
+    """The queue at a glance."""
+
+    paused: bool
+    running: list[JobRecord]
+    queued: int
+    workers: list[WorkerInfo]
+
+
+def apply_edits(config: PipelineConfig, edits: dict[str, Any]) -> PipelineConfig:
+    """``config`` with ``edits`` applied (sections merged key by key), validated again."""
+    data = config.to_dict()
+    for key, value in edits.items():
+        if isinstance(value, dict) and isinstance(data.get(key), dict):
+            data[key] = {**data[key], **value}
+        else:
+            data[key] = value
+    try:
+        return PipelineConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(f"invalid config edits {edits!r}: {exc}") from exc
 
 
 class JobService:
@@ -106,15 +159,18 @@ class JobService:
             )
         self._ensure_server()
         existing = self.history.find(job.job_id)
+        if existing is None and job.idempotency_key:
+            existing = self.history.find(key=job.idempotency_key)
         if existing is not None:
             logger.info("job %s was already submitted; returning its record", job.job_id)
             return existing
         return self.runner.run_once(job)
 
-    def submit_queued(self, job: Job, *, idempotency_key: str | None = None) -> JobRecord:
+    def submit_queued(self, job: Job) -> JobRecord:
         """Create a deployment run for ``job`` on the pool; return at once (status queued).
 
-        ``idempotency_key`` defaults to the job id: the same key returns the same run.
+        The run's idempotency key is ``job.idempotency_key``, else the job id: submitting the
+        same key again (even after restarts) returns the existing run instead of a new one.
         """
         if job.run_mode != "queue":
             raise RunModeError(
@@ -129,7 +185,7 @@ class JobService:
                 deployment_id,
                 parameters={"job": job.model_dump(mode="json")},
                 tags=job.tags(),
-                idempotency_key=idempotency_key or job.job_id,
+                idempotency_key=job.idempotency_key or job.job_id,
                 work_queue_name=queue_name,
             )
         return build_record(
@@ -139,6 +195,164 @@ class JobService:
             outputs=[],
             started_at=flow_run.start_time,
             finished_at=flow_run.end_time,
+        )
+
+    # -- queue control --------------------------------------------------------------------
+
+    def pause(self) -> None:
+        """Pause the queue: the running job finishes, nothing new starts (kept across restarts)."""
+        self._set_paused(True)
+
+    def resume(self) -> None:
+        """Resume the queue."""
+        self._set_paused(False)
+
+    def _set_paused(self, paused: bool) -> None:
+        self._ensure_server()
+        with prefect_settings(self.settings), get_client(sync_client=True) as client:
+            self._deployment_id(client)  # the pool exists from here on
+            client.update_work_pool(self.settings.work_pool, WorkPoolUpdate(is_paused=paused))
+
+    def status(self) -> QueueStatus:
+        """Paused or not, the running jobs, how many wait, and the pool's workers."""
+        self._ensure_server()
+        s = self.settings
+        with prefect_settings(s), get_client(sync_client=True) as client:
+            self._deployment_id(client)
+            pool = client.read_work_pool(s.work_pool)
+            pool_filter = WorkPoolFilter(name=WorkPoolFilterName(any_=[s.work_pool]))
+            queued = client.count_flow_runs(
+                flow_run_filter=FlowRunFilter(
+                    state=FlowRunFilterState(
+                        type=FlowRunFilterStateType(any_=[StateType.SCHEDULED, StateType.PENDING])
+                    )
+                ),
+                work_pool_filter=pool_filter,
+            )
+            workers = [
+                WorkerInfo(
+                    name=w.name,
+                    status=str(getattr(w.status, "value", w.status) or "unknown").lower(),
+                    last_heartbeat=w.last_heartbeat_time,
+                )
+                for w in client.read_workers_for_work_pool(s.work_pool)
+            ]
+        running = self.history.list(status="running", limit=PAGE_LIMIT)
+        in_pool = [r for r in running if r.run_mode == "queue"]
+        return QueueStatus(
+            paused=bool(pool.is_paused),
+            running=in_pool,
+            queued=int(queued),
+            workers=workers,
+        )
+
+    def cancel(self, job_id: str) -> JobRecord:
+        """Cancel a job: a queued one never starts; a running one is stopped at a safe point.
+
+        Raises :class:`JobStateError` for a job that already ended.
+        """
+        self._ensure_server()
+        record = self.history.get(job_id)
+        if record.is_terminal or record.flow_run_id is None:
+            raise JobStateError(f"job {job_id} already ended ({record.status}); nothing to cancel")
+        with prefect_settings(self.settings), get_client(sync_client=True) as client:
+            if record.status == "queued":
+                client.set_flow_run_state(
+                    record.flow_run_id, Cancelled(message="cancelled before it started"), force=True
+                )
+            else:
+                client.set_flow_run_state(
+                    record.flow_run_id, Cancelling(message="cancellation requested"), force=True
+                )
+        updated = self.history.get(job_id)
+        if updated.status == "cancelled":
+            self._notify(updated)
+        return updated
+
+    def move_to_front(self, job_id: str) -> JobRecord:
+        """Move a queued job ahead of every other queued job of its priority."""
+        self._ensure_server()
+        record = self.history.get(job_id)
+        if record.status != "queued" or record.flow_run_id is None:
+            raise JobStateError(f"job {job_id} is {record.status}; only queued jobs can move")
+        s = self.settings
+        with prefect_settings(s), get_client(sync_client=True) as client:
+            waiting = client.read_flow_runs(
+                flow_run_filter=FlowRunFilter(
+                    state=FlowRunFilterState(
+                        type=FlowRunFilterStateType(any_=[StateType.SCHEDULED])
+                    )
+                ),
+                work_pool_filter=WorkPoolFilter(name=WorkPoolFilterName(any_=[s.work_pool])),
+                sort=FlowRunSort.NEXT_SCHEDULED_START_TIME_ASC,
+                limit=1,
+            )
+            earliest = (
+                waiting[0].next_scheduled_start_time
+                if waiting and waiting[0].next_scheduled_start_time
+                else datetime.now(UTC)
+            )
+            front = min(earliest, datetime.now(UTC)) - timedelta(seconds=1)
+            client.set_flow_run_state(
+                record.flow_run_id,
+                Scheduled(scheduled_time=front, message="moved to the front"),
+                force=True,
+            )
+        return self.history.get(job_id)
+
+    def retry(
+        self,
+        job_id: str,
+        *,
+        edits: dict[str, Any] | None = None,
+        run_mode: str | None = None,
+    ) -> JobRecord:
+        """Submit a failed, crashed or cancelled job again, as a new job naming the old one.
+
+        ``edits`` are PipelineConfig fields to change (e.g. ``{"width": 512}`` after an
+        out-of-memory); nested sections merge key by key. The new job keeps the old one's
+        provenance and run mode unless ``run_mode`` is given.
+        """
+        self._ensure_server()
+        original = self._original_job(job_id)
+        record = self.history.get(job_id)
+        if record.status not in RETRYABLE_STATUSES:
+            raise JobStateError(
+                f"job {job_id} is {record.status}; only failed, crashed or cancelled jobs "
+                "can be retried"
+            )
+        config = apply_edits(original.config, edits or {})
+        job = make_job(
+            config,
+            run_mode=run_mode or original.run_mode,
+            source=original.source,
+            prompt_source=original.prompt_source,
+            prompt_pack_id=original.prompt_pack_id,
+            priority=original.priority,
+            retried_from=original.job_id,
+        )
+        return self.submit(job)
+
+    def _original_job(self, job_id: str) -> Job:
+        with prefect_settings(self.settings), get_client(sync_client=True) as client:
+            runs = client.read_flow_runs(
+                flow_run_filter=FlowRunFilter(
+                    tags=FlowRunFilterTags(all_=[TAG_ROOT, f"job:{job_id}"])
+                ),
+                limit=1,
+            )
+        job = job_from_parameters(runs[0].parameters) if runs else None
+        if job is None:
+            raise JobNotFoundError(f"no job {job_id!r} in history")
+        return job
+
+    def _notify(self, record: JobRecord) -> None:
+        s = self.settings
+        notify_terminal(
+            s.webhook_url,
+            record,
+            attempts=s.webhook_attempts,
+            backoff_seconds=s.webhook_backoff_seconds,
         )
 
     def wait(self, job_id: str, *, timeout: float = 600.0, poll: float = 0.5) -> JobRecord:

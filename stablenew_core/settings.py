@@ -69,7 +69,11 @@ class Settings(BaseSettings):
     transient_retries: int = Field(default=2, ge=0, le=20)
     retry_backoff_seconds: float = Field(default=2.0, ge=0)
     crash_policy: CrashPolicy = "resume_once"
-    webhook_url: str | None = None
+    webhook_url: str | None = Field(
+        default=None, description="POSTed a JSON body on every terminal job state."
+    )
+    webhook_attempts: int = Field(default=4, ge=1, le=20)
+    webhook_backoff_seconds: float = Field(default=0.5, ge=0)
 
     @field_validator("webui_url", "prefect_api_url", "webhook_url")
     @classmethod
