@@ -253,6 +253,9 @@ def queue(
     hires: HiresOpt = False,
     config: ConfigOpt = None,
     priority: PriorityOpt = "normal",
+    key: Annotated[
+        str | None, typer.Option(help="Idempotency key: the same key submits once.")
+    ] = None,
     home: HomeOpt = None,
 ) -> None:
     """Add a pipeline to the queue; a worker runs it. Prints the job id."""
@@ -270,6 +273,7 @@ def queue(
             source="add_to_queue",
             prompt_source="manual",
             priority=_priority(priority),
+            idempotency_key=key,
         )
         (record,) = controller.submit([job])
         console.print(record.job_id, highlight=False)
@@ -362,6 +366,109 @@ def show(
         _print_record(JobHistoryStore(settings).get(job_id))
 
     _guarded(go)
+
+
+def _service(home: Path | None) -> Any:
+    from .service import JobService
+
+    return JobService(_settings(home=home))
+
+
+@app.command()
+def pause(home: HomeOpt = None) -> None:
+    """Pause the queue: the running job finishes, nothing new starts."""
+    _guarded(lambda: _service(home).pause())
+    console.print("queue paused")
+
+
+@app.command()
+def resume(home: HomeOpt = None) -> None:
+    """Resume the queue."""
+    _guarded(lambda: _service(home).resume())
+    console.print("queue resumed")
+
+
+@app.command()
+def status(home: HomeOpt = None) -> None:
+    """The queue at a glance: paused?, running job, queued count, workers."""
+
+    def go() -> None:
+        st = _service(home).status()
+        console.print(f"paused   {'yes' if st.paused else 'no'}")
+        console.print(f"queued   {st.queued}")
+        for record in st.running:
+            console.print(f"running  {record.job_id}", highlight=False)
+        if not st.running:
+            console.print("running  -")
+        for w in st.workers:
+            beat = w.last_heartbeat.strftime("%H:%M:%S") if w.last_heartbeat else "never"
+            console.print(f"worker   {w.name} {w.status} (last heartbeat {beat})", highlight=False)
+
+    _guarded(go)
+
+
+@app.command()
+def cancel(job_id: Annotated[str, typer.Argument(help="Job id.")], home: HomeOpt = None) -> None:
+    """Cancel a queued job (it never starts) or a running one (stopped at a safe point)."""
+
+    def go() -> None:
+        record = _service(home).cancel(job_id)
+        console.print(f"{record.job_id} {record.status}", highlight=False)
+
+    _guarded(go)
+
+
+@app.command()
+def front(job_id: Annotated[str, typer.Argument(help="Job id.")], home: HomeOpt = None) -> None:
+    """Move a queued job to the front of its priority."""
+
+    def go() -> None:
+        record = _service(home).move_to_front(job_id)
+        console.print(f"{record.job_id} moved to the front", highlight=False)
+
+    _guarded(go)
+
+
+@app.command()
+def retry(
+    job_id: Annotated[str, typer.Argument(help="A failed, crashed or cancelled job.")],
+    set_: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="Config edit FIELD=VALUE (JSON value), e.g. width=512."),
+    ] = None,
+    mode: Annotated[str | None, typer.Option("--mode", help="direct or queue.")] = None,
+    home: HomeOpt = None,
+) -> None:
+    """Submit a job again as a new job that names the one it retries."""
+
+    def go() -> None:
+        edits = parse_edits(set_ or [])
+        record = _service(home).retry(
+            job_id, edits=edits, run_mode=_choice("--mode", mode, RUN_MODES)
+        )
+        _print_record(record)
+
+    _guarded(go)
+
+
+def parse_edits(items: list[str]) -> dict[str, Any]:
+    """``FIELD=VALUE`` pairs (dotted fields reach into sections; values read as JSON if they
+    parse, else as text) as a nested dict of config edits."""
+    edits: dict[str, Any] = {}
+    for item in items:
+        field, sep, raw = item.partition("=")
+        if not sep or not field.strip():
+            raise ConfigError(f"--set: expected FIELD=VALUE, got {item!r}")
+        try:
+            value: Any = json.loads(raw)
+        except ValueError:
+            value = raw
+        target = edits
+        *sections, leaf = field.strip().split(".")
+        for section in sections:
+            target = target.setdefault(section, {})
+        target[leaf] = value
+    return edits
 
 
 @app.command()

@@ -58,6 +58,9 @@ def prefect_server(session_dir: Path) -> Iterator[Settings]:
     try:
         yield settings
     finally:
+        from prefect.logging.handlers import APILogHandler
+
+        APILogHandler.flush()  # send buffered run logs while the server still answers
         server.stop()
 
 

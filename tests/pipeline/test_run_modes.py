@@ -13,6 +13,7 @@ import pytest
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import TaskRunFilter, TaskRunFilterFlowRunId
 from pydantic import ValidationError
+from support import generations_for, wait_terminal
 
 from stablenew_core import (
     Job,
@@ -24,14 +25,6 @@ from stablenew_core import (
     Settings,
 )
 from stablenew_core.prefect_env import prefect_settings
-
-
-def generations_for(webui: Any, job_id: str) -> list[dict[str, Any]]:
-    return [
-        g
-        for g in webui.stats()["generations"]
-        if str(g.get("force_task_id", "")).startswith(job_id)
-    ]
 
 
 def flow_run_and_task_runs(settings: Settings, flow_run_id: str) -> tuple[Any, list[Any]]:
@@ -50,15 +43,6 @@ def flow_run_and_task_runs(settings: Settings, flow_run_id: str) -> tuple[Any, l
                 break
             time.sleep(0.2)
     return flow_run, task_runs
-
-
-def wait_terminal(history: JobHistoryStore, job_id: str, timeout: float = 120) -> Any:
-    deadline = time.monotonic() + timeout
-    record = history.get(job_id)
-    while not record.is_terminal and time.monotonic() < deadline:
-        time.sleep(0.2)
-        record = history.get(job_id)
-    return record
 
 
 CONFIG = PipelineConfig(prompt="a lighthouse at dusk", steps=4, width=64, height=64, seed=7)
@@ -117,8 +101,7 @@ def test_queued_job_becomes_a_deployment_run_drained_by_the_worker(
     assert generations_for(webui, job.job_id) == [], "submit_queued must not run the job"
 
     start_worker()
-    history = JobHistoryStore(settings)
-    done = wait_terminal(history, job.job_id)
+    done = wait_terminal(settings, job.job_id)
     assert done.status == "completed", done.error
     assert (done.run_mode, done.source) == ("queue", "add_to_queue")
     assert done.flow_run_id == record.flow_run_id
