@@ -24,6 +24,7 @@ from prefect.artifacts import (
 from prefect.client.schemas.objects import FlowRun
 from prefect.context import FlowRunContext, TaskRunContext
 from prefect.states import Cancelled, State
+from prefect.transactions import CommitMode, transaction
 
 from stablenew_core.errors import JobCancelledError, WebUIError
 from stablenew_core.gpu_slot import GpuSlot
@@ -133,6 +134,9 @@ def job_task(job: Job) -> JobResult | State:
         with (
             CancelWatcher(flow_run_id, control),
             slot.hold(f"job {job.job_id}", on_wait=waiting, should_stop=control.should_stop),
+            # Each finished stage's result is committed at once (not when the job ends), so a
+            # job resumed after a crash finds the stages it had finished.
+            transaction(commit_mode=CommitMode.EAGER),
         ):
             previous: StageResult | None = None
             for stage in stages:

@@ -9,6 +9,7 @@ of a ``with`` block, so library calls work whatever the process was started with
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -16,6 +17,8 @@ from typing import Any
 from .settings import Settings
 
 TELEMETRY_OFF = {"DO_NOT_TRACK": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+# Never start Prefect's ephemeral server behind the user's back (it timed out here).
+NO_EPHEMERAL = {"PREFECT_SERVER_ALLOW_EPHEMERAL_MODE": "false"}
 
 
 def disable_telemetry() -> None:
@@ -40,14 +43,29 @@ def process_env(settings: Settings, base: dict[str, str] | None = None) -> dict[
     """The environment for a child process: ``base`` (default: ours) plus Prefect's settings."""
     env = dict(os.environ if base is None else base)
     env.update(TELEMETRY_OFF)
+    env.update(NO_EPHEMERAL)
     env.update(_client_values(settings))
     return env
+
+
+def configure_process(settings: Settings) -> None:
+    """Make ``settings`` Prefect's process-wide defaults, if Prefect is not imported yet.
+
+    Prefect reads its settings once, at import; background threads (log and event shipping,
+    heartbeats) use those process-wide ones. Setting them before the import keeps every thread
+    on the same server.
+    """
+    disable_telemetry()
+    if "prefect" in sys.modules:
+        return
+    for key, value in {**NO_EPHEMERAL, **_client_values(settings)}.items():
+        os.environ.setdefault(key, value)
 
 
 @contextmanager
 def prefect_settings(settings: Settings) -> Iterator[None]:
     """Apply ``settings`` to Prefect inside this process for the block."""
-    disable_telemetry()
+    configure_process(settings)
     from prefect.settings import (
         PREFECT_API_KEY,
         PREFECT_API_URL,

@@ -15,15 +15,31 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-# Before anything imports Prefect: telemetry off, Prefect's home in a throwaway place.
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+# Before anything imports Prefect: telemetry off, no ephemeral server, Prefect's home in a
+# throwaway place, and the API of the session's server as the process-wide default (Prefect's
+# background threads read that one).
 _SESSION_DIR = Path(tempfile.mkdtemp(prefix="stablenew-tests-"))
-os.environ["DO_NOT_TRACK"] = "1"
-os.environ["PREFECT_SERVER_ANALYTICS_ENABLED"] = "false"
-os.environ["PREFECT_HOME"] = str(_SESSION_DIR / "prefect-client")
-os.environ.pop("PREFECT_API_URL", None)
+_SERVER_PORT = free_port()
 for _key in list(os.environ):
-    if _key.startswith("STABLENEW_"):
+    if _key.startswith(("STABLENEW_", "PREFECT_")):
         del os.environ[_key]
+os.environ.update(
+    {
+        "DO_NOT_TRACK": "1",
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_SERVER_ALLOW_EPHEMERAL_MODE": "false",
+        "PREFECT_HOME": str(_SESSION_DIR / "prefect-client"),
+        "PREFECT_API_URL": f"http://127.0.0.1:{_SERVER_PORT}/api",
+    }
+)
 
 import pytest  # noqa: E402
 
@@ -31,13 +47,6 @@ from stablenew_core.prefect_env import process_env  # noqa: E402
 from stablenew_core.server import LocalServer  # noqa: E402
 from stablenew_core.settings import Settings, settings_env  # noqa: E402
 from stablenew_core.webui.process import SimulatorProcess  # noqa: E402
-
-
-def free_port() -> int:
-    """A TCP port free on 127.0.0.1 right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @pytest.fixture(scope="session")
@@ -50,7 +59,7 @@ def prefect_server(session_dir: Path) -> Iterator[Settings]:
     """A real Prefect server (SQLite) for the whole session; yields its base settings."""
     settings = Settings(
         home=session_dir / "home",
-        server_port=free_port(),
+        server_port=_SERVER_PORT,
         server_start_timeout=180,
     )
     server = LocalServer(settings)
@@ -58,9 +67,9 @@ def prefect_server(session_dir: Path) -> Iterator[Settings]:
     try:
         yield settings
     finally:
-        from prefect.logging.handlers import APILogHandler
+        from prefect.logging.handlers import APILogWorker
 
-        APILogHandler.flush()  # send buffered run logs while the server still answers
+        APILogWorker.drain_all(timeout=10)  # ship buffered run logs while the server answers
         server.stop()
 
 

@@ -1,0 +1,128 @@
+"""The long-lived worker: hand-over order, one GPU slot across modes, zombie reaping, and the
+guard on the Prefect internals it adjusts."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+import prefect
+import prefect.flow_engine
+import pytest
+from support import generations_for, state_names, wait_for, wait_status, wait_terminal
+
+from stablenew_core import JobHistoryStore, PipelineConfig, PipelineController, Settings
+from stablenew_core._prefect_internals import PrefectInternalsChanged, check_internals
+
+SMALL = PipelineConfig(prompt="a field of poppies", steps=3, width=64, height=64, seed=3)
+
+
+def queue_job(controller: PipelineController, config: PipelineConfig = SMALL) -> Any:
+    job = controller.build_job(
+        config, run_mode="queue", source="add_to_queue", prompt_source="manual"
+    )
+    (record,) = controller.submit([job])
+    return record
+
+
+@pytest.fixture
+def slow_webui(webui: Any) -> Iterator[Any]:
+    webui.set_step_seconds(0.02)
+    try:
+        yield webui
+    finally:
+        webui.set_step_seconds(0.001)
+
+
+def test_worker_hands_over_in_submission_order_never_two_at_once(
+    settings: Settings, webui: Any, start_worker: Any
+) -> None:
+    controller = PipelineController(settings=settings)
+    records = [queue_job(controller) for _ in range(6)]
+    start_worker()
+    for record in records:
+        assert wait_terminal(settings, record.job_id).status == "completed"
+    spans = [generations_for(webui, r.job_id)[0] for r in records]
+    starts = [g["started_at"] for g in spans]
+    assert starts == sorted(starts), "jobs must start in submission order"
+    for earlier, later in itertools.pairwise(spans):
+        assert earlier["finished_at"] <= later["started_at"]
+    assert webui.stats()["max_concurrent"] == 1
+
+
+def test_direct_and_queued_jobs_share_one_gpu_slot(
+    settings: Settings, slow_webui: Any, start_worker: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    chain = PipelineConfig.model_validate(
+        {**SMALL.to_dict(), "steps": 20, "img2img": {"enabled": True}, "upscale": {"enabled": True}}
+    )
+    controller = PipelineController(settings=settings)
+    queued = queue_job(controller, chain)
+    start_worker()
+    wait_for(lambda: generations_for(slow_webui, queued.job_id), timeout=60, poll=0.02)
+    with caplog.at_level(logging.INFO):
+        (direct,) = controller.run(chain)
+    assert direct.status == "completed"
+    assert wait_terminal(settings, queued.job_id).status == "completed"
+    queued_end = max(g["finished_at"] for g in generations_for(slow_webui, queued.job_id))
+    direct_start = min(g["started_at"] for g in generations_for(slow_webui, direct.job_id))
+    assert direct_start >= queued_end, "the direct job must wait for the queued job's chain"
+    assert "waiting for GPU" in caplog.text
+
+
+def test_zombie_run_is_crashed_and_resumed_once_by_the_next_worker(
+    settings: Settings, slow_webui: Any, start_worker: Any
+) -> None:
+    controller = PipelineController(settings=settings)
+    config = PipelineConfig.model_validate(
+        {**SMALL.to_dict(), "steps": 60, "img2img": {"enabled": True}}
+    )
+    victim = queue_job(controller, config)
+    first = start_worker()
+    wait_for(lambda: generations_for(slow_webui, victim.job_id, "img2img"), timeout=60, poll=0.02)
+    first.kill()  # kill -9: worker and job die together; the run stays Running
+    assert JobHistoryStore(settings).get(victim.job_id).status == "running"
+
+    start_worker()
+    record = wait_terminal(settings, victim.job_id, timeout=60)
+    assert record.status == "completed", record.error
+    names = state_names(settings, victim.flow_run_id)
+    assert "Crashed" in names and "Resuming" in names
+    # resumed at the stage it had reached: txt2img was finished and is not generated again
+    assert len(generations_for(slow_webui, victim.job_id, "txt2img")) == 1
+
+
+def test_zombie_with_crash_policy_never_ends_crashed_with_the_reason(
+    settings: Settings, slow_webui: Any, start_worker: Any
+) -> None:
+    settings = settings.model_copy(update={"crash_policy": "never"})
+    controller = PipelineController(settings=settings)
+    victim = queue_job(controller, SMALL.model_copy(update={"steps": 100}))
+    first = start_worker(settings_override=settings)
+    wait_status(settings, victim.job_id, ("running",), timeout=60)
+    first.kill()
+    start_worker(settings_override=settings)
+    record = wait_terminal(settings, victim.job_id, timeout=60)
+    assert record.status == "crashed"
+    assert record.error and "worker" in record.error and "gone" in record.error
+
+
+def test_internals_guard_passes_on_the_pinned_prefect() -> None:
+    check_internals()
+
+
+def test_internals_guard_fails_loudly_when_prefect_moves_them(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def moved(engine: Any) -> None:  # an upgrade that dropped join_on_exit
+        return None
+
+    monkeypatch.setattr(prefect.flow_engine, "_send_heartbeats", moved)
+    with pytest.raises(PrefectInternalsChanged, match="_send_heartbeats"):
+        check_internals()
+    monkeypatch.undo()
+    monkeypatch.setattr(prefect, "__version__", "3.99.0")
+    with pytest.raises(PrefectInternalsChanged, match=r"3\.99\.0"):
+        check_internals()
