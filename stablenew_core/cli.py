@@ -316,16 +316,15 @@ def history(
         from .history import JobHistoryStore
         from .server import ensure_server
 
+        filters = {
+            "run_mode": _choice("--mode", mode, RUN_MODES),
+            "source": _choice("--source", source, JOB_SOURCES),
+            "status": _choice("--status", status, JOB_STATUSES),
+            "prompt_pack_id": pack,
+        }
         settings = _settings(home=home)
         ensure_server(settings)
-        records = JobHistoryStore(settings).list(
-            run_mode=_choice("--mode", mode, RUN_MODES),
-            source=_choice("--source", source, JOB_SOURCES),
-            status=_choice("--status", status, JOB_STATUSES),
-            prompt_pack_id=pack,
-            limit=limit,
-            offset=offset,
-        )
+        records = JobHistoryStore(settings).list(**filters, limit=limit, offset=offset)
         if as_json:
             for record in records:
                 console.print_json(record.model_dump_json())
