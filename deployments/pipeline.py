@@ -1,7 +1,9 @@
 """The work pool ``stablenew`` (one GPU: concurrency limit 1) and the pipeline's deployment.
 
 The pool has one work queue per priority (``high``, ``default`` for normal, ``low``); Prefect
-hands out runs from higher-priority queues first, and by scheduled time within a queue. The
+hands out runs from higher-priority queues first, and by scheduled time within a queue. A job
+pinned to a named worker goes to that worker's own queue (``pin-<name>``), which only that
+worker polls. With several GPUs the pool's limit is the number of GPUs. The
 deployment points at the installed package's flow by module path (no Docker, no git), so a
 stock ``prefect worker start --pool stablenew`` can run it as well as ``stablenew worker``.
 Every function here is idempotent: run it as often as you like.
@@ -29,6 +31,9 @@ PRIORITY_QUEUES: dict[str, tuple[str, int]] = {
 }
 
 
+PIN_QUEUE_PRIORITY = 1
+
+
 @dataclass(frozen=True)
 class DeploymentRef:
     """Where queued jobs go."""
@@ -38,8 +43,30 @@ class DeploymentRef:
     name: str
 
 
-def ensure_work_pool(client: SyncPrefectClient, name: str, *, concurrency_limit: int = 1) -> None:
-    """Create the pool (process type, limit 1) and its priority queues, or bring them in line."""
+def pin_queue_name(worker_name: str) -> str:
+    """The work queue of the jobs pinned to one named worker."""
+    slug = "".join(ch if ch.isalnum() or ch in "-_" else "-" for ch in worker_name.lower())
+    return f"pin-{slug}"
+
+
+def ensure_pin_queue(client: SyncPrefectClient, pool: str, worker_name: str) -> str:
+    """Create the pin queue of ``worker_name`` if missing; return its name."""
+    name = pin_queue_name(worker_name)
+    try:
+        client.read_work_queue_by_name(name, work_pool_name=pool)
+    except ObjectNotFound:
+        client.create_work_queue(name=name, work_pool_name=pool, priority=PIN_QUEUE_PRIORITY)
+    return name
+
+
+def ensure_work_pool(
+    client: SyncPrefectClient, name: str, *, concurrency_limit: int | None = None
+) -> None:
+    """Create the pool and its priority queues, or bring them in line.
+
+    A new pool gets ``concurrency_limit`` (default 1: one GPU). An existing pool keeps its limit
+    unless one is given: with N GPUs, run ``stablenew deploy --gpus N`` once.
+    """
     try:
         pool = client.read_work_pool(name)
     except ObjectNotFound:
@@ -50,12 +77,12 @@ def ensure_work_pool(client: SyncPrefectClient, name: str, *, concurrency_limit:
                 name=name,
                 type="process",
                 base_job_template=ProcessWorker.get_default_base_job_template(),
-                concurrency_limit=concurrency_limit,
-                description="stablenew: one GPU, one job at a time",
+                concurrency_limit=concurrency_limit or 1,
+                description="stablenew: one job at a time per GPU",
             )
         )
     else:
-        if pool.concurrency_limit != concurrency_limit:
+        if concurrency_limit is not None and pool.concurrency_limit != concurrency_limit:
             client.update_work_pool(name, WorkPoolUpdate(concurrency_limit=concurrency_limit))
     existing = {queue.name: queue for queue in client.read_work_queues(work_pool_name=name)}
     for queue_name, priority in sorted(PRIORITY_QUEUES.values(), key=lambda q: q[1]):
@@ -75,10 +102,14 @@ def find_deployment(client: SyncPrefectClient, deployment_name: str) -> UUID | N
 
 
 def ensure_deployment(
-    client: SyncPrefectClient, *, work_pool: str, deployment_name: str
+    client: SyncPrefectClient,
+    *,
+    work_pool: str,
+    deployment_name: str,
+    concurrency_limit: int | None = None,
 ) -> DeploymentRef:
     """Create or update the pool, its queues and the pipeline deployment; return where to submit."""
-    ensure_work_pool(client, work_pool)
+    ensure_work_pool(client, work_pool, concurrency_limit=concurrency_limit)
     deployment: RunnerDeployment = pipeline.to_deployment(  # type: ignore[assignment]
         name=deployment_name,
         work_pool_name=work_pool,

@@ -256,6 +256,9 @@ def queue(
     key: Annotated[
         str | None, typer.Option(help="Idempotency key: the same key submits once.")
     ] = None,
+    worker: Annotated[
+        str | None, typer.Option("--worker", help="Run only on this named worker.")
+    ] = None,
     home: HomeOpt = None,
 ) -> None:
     """Add a pipeline to the queue; a worker runs it. Prints the job id."""
@@ -274,6 +277,7 @@ def queue(
             prompt_source="manual",
             priority=_priority(priority),
             idempotency_key=key,
+            worker=worker,
         )
         (record,) = controller.submit([job])
         console.print(record.job_id, highlight=False)
@@ -470,14 +474,58 @@ def parse_edits(items: list[str]) -> dict[str, Any]:
     return edits
 
 
+def parse_duration(text: str) -> Any:
+    """``90d``, ``12h``, ``30m``, ``45s`` or ``2w`` as a timedelta."""
+    from datetime import timedelta
+
+    units = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
+    value, unit = text.strip()[:-1], text.strip()[-1:].lower()
+    try:
+        amount = float(value)
+    except ValueError:
+        amount = -1
+    if unit not in units or amount < 0:
+        raise ConfigError(f"--older-than: expected a duration like 90d, 12h or 30m, got {text!r}")
+    return timedelta(**{units[unit]: amount})
+
+
 @app.command()
-def deploy(home: HomeOpt = None) -> None:
+def prune(
+    older_than: Annotated[str, typer.Option("--older-than", help="e.g. 90d, 12h.")],
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Only count.")] = False,
+    home: HomeOpt = None,
+    output_dir: OutputOpt = None,
+) -> None:
+    """Delete ended jobs older than a duration: their records and their images."""
+
+    def go() -> None:
+        from .service import JobService
+
+        age = parse_duration(older_than)
+        service = JobService(_settings(home=home, output_dir=output_dir))
+        report = service.prune(age, dry_run=dry_run)
+        verb = "would delete" if dry_run else "deleted"
+        console.print(
+            f"{verb} {report.jobs} jobs and {report.folders} image folders "
+            f"older than {report.cutoff:%Y-%m-%d %H:%M} UTC"
+        )
+
+    _guarded(go)
+
+
+@app.command()
+def deploy(
+    gpus: Annotated[
+        int | None, typer.Option(min=1, help="GPUs in the pool (its concurrency limit).")
+    ] = None,
+    home: HomeOpt = None,
+) -> None:
     """Create or update the work pool and the deployment (idempotent)."""
 
     def go() -> None:
         from .service import JobService
 
-        ref = JobService(_settings(home=home)).deploy()
+        ref = JobService(_settings(home=home)).deploy(gpus=gpus)
         console.print(f"deployment {ref.name} ({ref.deployment_id}) on work pool {ref.work_pool}")
 
     _guarded(go)
@@ -528,9 +576,20 @@ def _stop_on_signals(stop: Callable[[], None]) -> None:
     signal.signal(signal.SIGTERM, handler)
 
 
+DatabaseOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--database",
+        help="postgresql+asyncpg://user:pass@host:5432/db for the server [env "
+        "STABLENEW_DATABASE_URL]; default: SQLite under the data directory.",
+    ),
+]
+
+
 @app.command()
 def up(
     webui: WebUIOpt = None,
+    database: DatabaseOpt = None,
     home: HomeOpt = None,
     output_dir: OutputOpt = None,
 ) -> None:
@@ -539,7 +598,9 @@ def up(
     def go() -> None:
         from .server import LocalServer
 
-        settings = _settings(home=home, webui_url=webui, output_dir=output_dir)
+        settings = _settings(
+            home=home, webui_url=webui, output_dir=output_dir, database_url=database
+        )
         server = LocalServer(settings)
         started = not server.healthy()
         if started:

@@ -76,6 +76,7 @@ class PipelineController:
         priority: Priority = "normal",
         retried_from: str | None = None,
         idempotency_key: str | None = None,
+        worker: str | None = None,
     ) -> Job:
         """A job with every field filled; ``run_mode`` normalised as the seed spec says."""
         return make_job(
@@ -87,6 +88,7 @@ class PipelineController:
             priority=priority,
             retried_from=retried_from,
             idempotency_key=idempotency_key,
+            worker=worker,
             job_id=self._job_id_factory(),
             created_at=self._clock(),
         )

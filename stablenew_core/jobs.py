@@ -79,6 +79,9 @@ class Job(BaseModel):
     priority: Priority = "normal"
     retried_from: str | None = None
     idempotency_key: str | None = Field(default=None, min_length=1, max_length=200)
+    worker: str | None = Field(
+        default=None, min_length=1, max_length=100, description="Run only on this named worker."
+    )
 
     @field_validator("job_id")
     @classmethod
@@ -120,6 +123,8 @@ def job_tags(job: Job) -> list[str]:
         tags.append(f"retried_from:{job.retried_from}")
     if job.idempotency_key:
         tags.append(f"key:{job.idempotency_key}")
+    if job.worker:
+        tags.append(f"worker:{job.worker}")
     return tags
 
 
@@ -133,6 +138,7 @@ def make_job(
     priority: Priority = "normal",
     retried_from: str | None = None,
     idempotency_key: str | None = None,
+    worker: str | None = None,
     job_id: str | None = None,
     created_at: datetime | None = None,
 ) -> Job:
@@ -154,6 +160,7 @@ def make_job(
         priority=priority,
         retried_from=retried_from,
         idempotency_key=idempotency_key,
+        worker=worker,
     )
 
 

@@ -26,6 +26,7 @@ from prefect.client.schemas.responses import OrchestrationResult, SetStateStatus
 from prefect.flow_engine import run_flow
 from prefect.states import Pending
 
+from deployments import PRIORITY_QUEUES, ensure_pin_queue
 from flows.pipeline import pipeline
 from stablenew_core import _prefect_internals
 
@@ -51,6 +52,7 @@ class SingleNodeJobRunner:
             worker_name or self.settings.worker_name or f"stablenew@{socket.gethostname()}"
         )
         self._stop = threading.Event()
+        self._queues: list[str] | None = None
         self.jobs_run = 0
         _prefect_internals.install()
 
@@ -130,8 +132,12 @@ class SingleNodeJobRunner:
         return ran
 
     def _next_run(self, client: SyncPrefectClient) -> FlowRun | None:
+        if self._queues is None:
+            self._queues = [name for name, _ in PRIORITY_QUEUES.values()]
+            self._queues.append(ensure_pin_queue(client, self.settings.work_pool, self.worker_name))
         responses = client.get_scheduled_flow_runs_for_work_pool(
             self.settings.work_pool,
+            work_queue_names=self._queues,
             scheduled_before=datetime.now(UTC) + timedelta(seconds=1),
         )
         for response in responses:

@@ -10,6 +10,7 @@ idempotency key: submitting the same job twice makes one run.
 from __future__ import annotations
 
 import logging
+import shutil
 from datetime import UTC, datetime, timedelta
 from typing import Any
 from uuid import UUID
@@ -18,6 +19,7 @@ from prefect.client.orchestration import SyncPrefectClient, get_client
 from prefect.client.schemas.actions import WorkPoolUpdate
 from prefect.client.schemas.filters import (
     FlowRunFilter,
+    FlowRunFilterExpectedStartTime,
     FlowRunFilterState,
     FlowRunFilterStateType,
     FlowRunFilterTags,
@@ -29,13 +31,20 @@ from prefect.client.schemas.sorting import FlowRunSort
 from prefect.states import Cancelled, Cancelling, Scheduled
 from pydantic import BaseModel, ValidationError
 
-from deployments import PRIORITY_QUEUES, DeploymentRef, ensure_deployment, find_deployment
+from deployments import (
+    PRIORITY_QUEUES,
+    DeploymentRef,
+    ensure_deployment,
+    ensure_pin_queue,
+    find_deployment,
+)
 
 from .config import PipelineConfig
 from .errors import ConfigError, JobNotFoundError, JobStateError, RunModeError
 from .history import JobHistoryStore
 from .jobs import TAG_ROOT, Job, JobRecord, make_job
 from .notify import notify_terminal
+from .outputs import job_output_dir
 from .prefect_env import prefect_settings
 from .records import build_record, job_from_parameters
 from .runner import SingleNodeJobRunner
@@ -80,6 +89,23 @@ def apply_edits(config: PipelineConfig, edits: dict[str, Any]) -> PipelineConfig
         raise ConfigError(f"invalid config edits {edits!r}: {exc}") from exc
 
 
+TERMINAL_STATE_TYPES = [
+    StateType.COMPLETED,
+    StateType.FAILED,
+    StateType.CANCELLED,
+    StateType.CRASHED,
+]
+
+
+class PruneReport(BaseModel):
+    """What a prune removed (or would remove, for a dry run)."""
+
+    cutoff: datetime
+    dry_run: bool
+    jobs: int = 0
+    folders: int = 0
+
+
 class JobService:
     """Submits jobs directly or to the queue; reads and controls them afterwards."""
 
@@ -112,14 +138,19 @@ class JobService:
             ensure_server(self.settings)
         self._server_checked = True
 
-    def deploy(self) -> DeploymentRef:
-        """Create or update the work pool, its queues and the deployment (idempotent)."""
+    def deploy(self, *, gpus: int | None = None) -> DeploymentRef:
+        """Create or update the work pool, its queues and the deployment (idempotent).
+
+        ``gpus`` sets the pool's concurrency limit (one job per GPU); by default a new pool
+        gets 1 and an existing one keeps its limit.
+        """
         self._ensure_server()
         with prefect_settings(self.settings), get_client(sync_client=True) as client:
             self._deployment = ensure_deployment(
                 client,
                 work_pool=self.settings.work_pool,
                 deployment_name=self.settings.deployment_name,
+                concurrency_limit=gpus,
             )
         return self._deployment
 
@@ -181,6 +212,8 @@ class JobService:
         queue_name, _ = PRIORITY_QUEUES[job.priority]
         with prefect_settings(self.settings), get_client(sync_client=True) as client:
             deployment_id = self._deployment_id(client)
+            if job.worker:
+                queue_name = ensure_pin_queue(client, self.settings.work_pool, job.worker)
             flow_run = client.create_flow_run_from_deployment(
                 deployment_id,
                 parameters={"job": job.model_dump(mode="json")},
@@ -345,6 +378,44 @@ class JobService:
         if job is None:
             raise JobNotFoundError(f"no job {job_id!r} in history")
         return job
+
+    def prune(self, older_than: timedelta, *, dry_run: bool = False) -> PruneReport:
+        """Delete ended jobs older than ``older_than``: their runs and their image folders.
+
+        Only terminal jobs are pruned; queued and running ones are never touched.
+        """
+        self._ensure_server()
+        cutoff = datetime.now(UTC) - older_than
+        flow_filter = FlowRunFilter(
+            tags=FlowRunFilterTags(all_=[TAG_ROOT]),
+            state=FlowRunFilterState(type=FlowRunFilterStateType(any_=TERMINAL_STATE_TYPES)),
+            expected_start_time=FlowRunFilterExpectedStartTime(before_=cutoff),
+        )
+        report = PruneReport(cutoff=cutoff, dry_run=dry_run)
+        with prefect_settings(self.settings), get_client(sync_client=True) as client:
+            while True:
+                runs = client.read_flow_runs(
+                    flow_run_filter=flow_filter,
+                    sort=FlowRunSort.EXPECTED_START_TIME_ASC,
+                    limit=PAGE_LIMIT,
+                    offset=report.jobs if dry_run else 0,
+                )
+                if not runs:
+                    break
+                for run in runs:
+                    job = job_from_parameters(run.parameters)
+                    if job is not None:
+                        folder = job_output_dir(self.settings.outputs, job)
+                        if folder.is_dir():
+                            report.folders += 1
+                            if not dry_run:
+                                shutil.rmtree(folder, ignore_errors=True)
+                    if not dry_run:
+                        client.delete_flow_run(run.id)
+                    report.jobs += 1
+                if len(runs) < PAGE_LIMIT:
+                    break
+        return report
 
     def _notify(self, record: JobRecord) -> None:
         s = self.settings

@@ -97,6 +97,23 @@ def settings(prefect_server: Settings, webui: SimulatorProcess, tmp_path: Path) 
     )
 
 
+def start_isolated_server(directory: Path, database_url: str | None = None) -> LocalServer:
+    """A Prefect server of a test's own (its own data directory and port)."""
+    from pydantic import SecretStr
+
+    port = free_port()
+    settings = Settings(
+        home=directory,
+        server_port=port,
+        server_start_timeout=180,
+        prefect_api_url=f"http://127.0.0.1:{port}/api",
+        database_url=SecretStr(database_url) if database_url else None,
+    )
+    server = LocalServer(settings)
+    server.start(detach=False)
+    return server
+
+
 class WorkerProcess:
     """``stablenew worker`` as a real child process."""
 
