@@ -11,6 +11,7 @@ it for deployment runs.
 
 from __future__ import annotations
 
+import contextvars
 import time
 from datetime import timedelta
 from typing import Any
@@ -96,15 +97,25 @@ class _Progress:
 def stage_task(job: Job, stage: StageName, previous: StageResult | None) -> StageResult:
     """Run one stage of the job against the WebUI."""
     runtime = current_runtime()
-    progress = _Progress(job)
+    control = current_control()
+    artifact = _Progress(job)
+    # Progress arrives on the stage's polling thread: report it in this task's context, so the
+    # progress artifact belongs to this run.
+    context = contextvars.copy_context()
+
+    def on_progress(fraction: float, text: str) -> None:
+        context.run(artifact.report, stage, fraction, text)
+        if control.progress is not None:
+            control.progress(str(stage), fraction, text)
+
     return run_stage(
         runtime.client,
         job,
         stage,
         previous,
         job_output_dir(runtime.settings.outputs, job),
-        on_progress=lambda fraction, text: progress.report(stage, fraction, text),
-        should_stop=current_control().should_stop,
+        on_progress=on_progress,
+        should_stop=control.should_stop,
         poll_seconds=runtime.settings.progress_poll_seconds,
     )
 

@@ -225,13 +225,30 @@ def run(
             prompt, negative, steps, width, height, seed, sampler, model, cfg,
             batch_size, n_iter, img2img, adetailer, upscale, hires, config,
         )  # fmt: skip
-        with console.status("running (direct)..."):
-            (record,) = _controller(settings).run(job_config, run_mode="direct")
+        record = _run_direct_with_progress(settings, job_config)
         _print_record(record)
         if record.status != "completed":
             raise typer.Exit(1)
 
     _guarded(go)
+
+
+def _run_direct_with_progress(settings: Settings, job_config: PipelineConfig) -> JobRecord:
+    """Run one direct job with a progress bar fed by the WebUI's per-task progress."""
+    from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn
+
+    from .runtime import RunControl, use_control
+
+    columns = (TextColumn("{task.description}"), BarColumn(), TaskProgressColumn())
+    with Progress(*columns, console=console, transient=True) as bar:
+        task = bar.add_task("waiting for the GPU / WebUI", total=1.0)
+
+        def report(stage: str, fraction: float, text: str) -> None:
+            bar.update(task, completed=fraction, description=text or stage)
+
+        with use_control(RunControl(progress=report)):
+            (record,) = _controller(settings).run(job_config, run_mode="direct")
+    return record
 
 
 @app.command()

@@ -34,7 +34,7 @@ from .jobs import Job, JobRecord
 from .prefect_env import prefect_settings
 from .reaper import Reaper, claim_message
 from .records import build_record, job_from_parameters, outputs_from_result
-from .runtime import RunControl, Runtime, use_control, use_runtime
+from .runtime import RunControl, Runtime, installed_control, use_control, use_runtime
 from .settings import Settings
 
 logger = logging.getLogger("stablenew_core.worker")
@@ -60,7 +60,7 @@ class SingleNodeJobRunner:
 
     def run_once(self, job: Job) -> JobRecord:
         """Run ``job`` now, in this process, through the pipeline flow; return its final record."""
-        control = RunControl()
+        control = installed_control() or RunControl()
         with (
             prefect_settings(self.settings),
             use_runtime(self.runtime),

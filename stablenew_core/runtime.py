@@ -9,7 +9,7 @@ a stock Prefect worker. The WebUI client is created once and reused (one pooled 
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -79,6 +79,8 @@ class RunControl:
     """Signals between whoever runs a job and the job's code, for one run."""
 
     cancel_requested: threading.Event = field(default_factory=threading.Event)
+    progress: Callable[[str, float, str], None] | None = None
+    """Called with (stage, fraction of the stage 0..1, text) while a stage runs."""
 
     def should_stop(self) -> bool:
         """True once cancellation was requested."""
@@ -92,6 +94,11 @@ def current_control() -> RunControl:
     """The control of the run in progress (a fresh, never-cancelled one if none is installed)."""
     control = _control.get()
     return control if control is not None else RunControl()
+
+
+def installed_control() -> RunControl | None:
+    """The control installed by :func:`use_control`, if any."""
+    return _control.get()
 
 
 @contextmanager

@@ -11,7 +11,12 @@ from typing import Any
 
 import pytest
 from prefect.client.orchestration import get_client
-from prefect.client.schemas.filters import TaskRunFilter, TaskRunFilterFlowRunId
+from prefect.client.schemas.filters import (
+    FlowRunFilter,
+    FlowRunFilterId,
+    TaskRunFilter,
+    TaskRunFilterFlowRunId,
+)
 from pydantic import ValidationError
 from support import generations_for, wait_terminal
 
@@ -199,3 +204,29 @@ def test_same_job_submitted_twice_is_one_run(settings: Settings, webui: Any) -> 
     one, two = controller.submit([direct, direct])
     assert one.flow_run_id == two.flow_run_id
     assert len(generations_for(webui, direct.job_id)) == 1
+
+
+def test_direct_job_reports_progress_to_the_caller_and_to_a_prefect_artifact(
+    settings: Settings, webui: Any
+) -> None:
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterType
+
+    from stablenew_core.runtime import RunControl, use_control
+
+    seen: list[tuple[str, float, str]] = []
+    webui.set_step_seconds(0.03)
+    try:
+        with use_control(RunControl(progress=lambda *event: seen.append(event))):
+            (record,) = PipelineController(settings=settings).run(
+                CONFIG.model_copy(update={"steps": 80})
+            )
+    finally:
+        webui.set_step_seconds(0.001)
+    assert record.status == "completed"
+    assert seen and all(stage == "txt2img" and 0 <= f <= 1 for stage, f, _ in seen)
+    with prefect_settings(settings), get_client(sync_client=True) as client:
+        artifacts = client.read_artifacts(
+            artifact_filter=ArtifactFilter(type=ArtifactFilterType(any_=["progress"])),
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[record.flow_run_id])),
+        )
+    assert artifacts and artifacts[0].key and artifacts[0].key.startswith("stablenew-progress-")
