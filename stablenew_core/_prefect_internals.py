@@ -2,10 +2,21 @@
 
 What we change, and why:
 
-* ``prefect.flow_engine._send_heartbeats``: a sync flow run joins its heartbeat thread at exit,
-  which sleeps in 1 s steps: up to ~1 s of dead time after every job. We keep the heartbeats
-  (zombie detection needs them) and only skip the join; the thread is a daemon that sees its
-  stop event within a second and exits on its own.
+* Client side, ``prefect.flow_engine._send_heartbeats``: a sync flow run joins its heartbeat
+  thread at exit, which sleeps in 1 s steps: up to ~1 s of dead time after every job. We keep
+  the heartbeats (zombie detection needs them) and only skip the join; the thread is a daemon
+  that sees its stop event within a second and exits on its own.
+* Server side (only in the server process this project starts, see
+  :mod:`stablenew_core._server_main`),
+  ``prefect.server.database.configurations.AioSqliteConfiguration.begin_transaction``: on
+  SQLite, Prefect opens write transactions with ``BEGIN DEFERRED``; ``POST /flow_runs/`` reads
+  before it writes, and when the task-run recorder (or the event persister, or log writes)
+  commits in between, SQLite fails the upgrade to a writer at once ("database is locked",
+  without waiting on busy_timeout). The API answers 503 and the client backs off ~2 s: the
+  stalls measured in ``bench/BACKENDS.md``. Prefect's own comment in ``setup_sqlite`` names the
+  cure: ``BEGIN IMMEDIATE``, which takes the write lock up front and so waits on busy_timeout
+  instead of failing. We open every write transaction that way; reads outside transactions are
+  unchanged, and task runs are still recorded.
 
 :func:`check_internals` verifies that the names we touch still exist with the shape we expect;
 the test suite calls it, so an upgrade that moves them fails loudly instead of silently slowing
@@ -16,8 +27,8 @@ from __future__ import annotations
 
 import inspect
 import threading
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from typing import Any
 
 PINNED_PREFECT_VERSION = "3.9.1"
@@ -57,6 +68,54 @@ def check_internals() -> None:
             problems.append("FlowRunEngine.run_context no longer calls _send_heartbeats(self)")
     if problems:
         raise PrefectInternalsChanged("; ".join(problems))
+
+
+def check_server_internals() -> None:
+    """Raise :class:`PrefectInternalsChanged` unless the server's SQLite names are as expected."""
+    from prefect.server.database import configurations
+
+    problems = []
+    config = getattr(configurations, "AioSqliteConfiguration", None)
+    begin = getattr(config, "begin_transaction", None)
+    begin = getattr(begin, "__wrapped_original__", begin)
+    if begin is None:
+        problems.append("AioSqliteConfiguration.begin_transaction is gone")
+    else:
+        parameters = list(inspect.signature(begin).parameters)
+        if parameters != ["self", "session", "with_for_update"]:
+            problems.append(
+                f"AioSqliteConfiguration.begin_transaction takes {parameters}, "
+                "expected ['self', 'session', 'with_for_update']"
+            )
+        source = inspect.getsource(begin)
+        if '"IMMEDIATE" if with_for_update else "DEFERRED"' not in source:
+            problems.append("begin_transaction no longer maps with_for_update to BEGIN IMMEDIATE")
+    if not hasattr(configurations, "SQLITE_BEGIN_MODE"):
+        problems.append("prefect.server.database.configurations.SQLITE_BEGIN_MODE is gone")
+    if problems:
+        raise PrefectInternalsChanged("; ".join(problems))
+
+
+def install_server_patches() -> None:
+    """In the server process: open every SQLite write transaction with BEGIN IMMEDIATE."""
+    check_internals()
+    check_server_internals()
+    from prefect.server.database import configurations
+
+    config = configurations.AioSqliteConfiguration
+    original = config.begin_transaction
+    if hasattr(original, "__wrapped_original__"):
+        return
+
+    @asynccontextmanager
+    async def begin_immediate(
+        self: Any, session: Any, with_for_update: bool = False
+    ) -> AsyncIterator[Any]:
+        async with original(self, session, with_for_update=True) as transaction:
+            yield transaction
+
+    begin_immediate.__wrapped_original__ = original  # type: ignore[attr-defined]
+    config.begin_transaction = begin_immediate  # type: ignore[method-assign]
 
 
 def install() -> None:

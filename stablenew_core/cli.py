@@ -565,12 +565,24 @@ def worker(
 
 
 def _serve_queue(settings: Settings) -> None:
+    import time
+
+    from .errors import ServerError
     from .runner import SingleNodeJobRunner
     from .service import JobService
 
-    JobService(settings).deploy()
     runner = SingleNodeJobRunner(settings)
     _stop_on_signals(runner.stop)
+    # A worker never starts a server: it waits for the one it was pointed at.
+    while True:
+        try:
+            JobService(settings, start_server=False).deploy()
+            break
+        except ServerError as exc:
+            if runner.stopping:
+                return
+            err.print(f"waiting for the Prefect server: {exc}", markup=False, highlight=False)
+            time.sleep(2)
     console.print(
         f"worker {runner.worker_name} serving pool {settings.work_pool} "
         f"(WebUI {settings.webui_url}); Ctrl-C stops",

@@ -83,6 +83,11 @@ class SingleNodeJobRunner:
         """Ask ``run_forever`` to return after the job in progress."""
         self._stop.set()
 
+    @property
+    def stopping(self) -> bool:
+        """True once :meth:`stop` was called."""
+        return self._stop.is_set()
+
     def run_forever(
         self,
         *,

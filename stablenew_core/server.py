@@ -89,9 +89,7 @@ class LocalServer:
         command = [
             sys.executable,
             "-m",
-            "prefect",
-            "server",
-            "start",
+            "stablenew_core._server_main",
             "--host",
             s.server_host,
             "--port",
@@ -129,24 +127,28 @@ class LocalServer:
         )
 
     def stop(self, timeout: float = 15.0) -> bool:
-        """Stop the server this project started; True if one was running."""
-        pid = self._process.pid if self._process is not None else self.running_pid()
-        if pid is None:
-            return False
-        _terminate_group(pid, timeout)
+        """Stop the server of this data directory (ours, or the one its pid file names)."""
+        pids = {pid for pid in (self.running_pid(),) if pid is not None}
+        if self._process is not None and self._process.poll() is None:
+            pids.add(self._process.pid)
+        for pid in pids:
+            _terminate_group(pid, timeout)
         if self._process is not None:
             self._process.wait(timeout=5)
             self._process = None
         self.pid_file.unlink(missing_ok=True)
-        return True
+        return bool(pids)
 
 
-def ensure_server(settings: Settings) -> str:
-    """The API URL to use; starts the local server first when it is ours and not running."""
+def ensure_server(settings: Settings, *, start: bool = True) -> str:
+    """The API URL to use; starts the local server first when it is ours and not running.
+
+    With ``start=False`` (workers), a server that does not answer is an error instead.
+    """
     url = settings.api_url()
     if api_healthy(url):
         return url
-    if not settings.uses_local_server():
+    if not start or not settings.uses_local_server():
         raise ServerError(
             f"the Prefect API at {url} does not answer; check PREFECT_API_URL / "
             "STABLENEW_PREFECT_API_URL, or unset them to use the local server"

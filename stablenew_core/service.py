@@ -134,8 +134,8 @@ class JobService:
         return self._runner
 
     def _ensure_server(self) -> None:
-        if not self._server_checked and self._start_server:
-            ensure_server(self.settings)
+        if not self._server_checked:
+            ensure_server(self.settings, start=self._start_server)
         self._server_checked = True
 
     def deploy(self, *, gpus: int | None = None) -> DeploymentRef:

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import os
 import socket
-import subprocess
-import sys
 import tempfile
 import uuid
 from collections.abc import Iterator
@@ -42,10 +40,10 @@ os.environ.update(
 )
 
 import pytest  # noqa: E402
+from support import WorkerProcess  # noqa: E402
 
-from stablenew_core.prefect_env import process_env  # noqa: E402
 from stablenew_core.server import LocalServer  # noqa: E402
-from stablenew_core.settings import Settings, settings_env  # noqa: E402
+from stablenew_core.settings import Settings  # noqa: E402
 from stablenew_core.webui.process import SimulatorProcess  # noqa: E402
 
 
@@ -67,10 +65,12 @@ def prefect_server(session_dir: Path) -> Iterator[Settings]:
     try:
         yield settings
     finally:
-        from prefect.logging.handlers import APILogWorker
+        try:
+            from prefect.logging.handlers import APILogWorker
 
-        APILogWorker.drain_all(timeout=10)  # ship buffered run logs while the server answers
-        server.stop()
+            APILogWorker.drain_all(timeout=10)  # ship buffered run logs while it answers
+        finally:
+            server.stop()
 
 
 @pytest.fixture(scope="session")
@@ -95,57 +95,6 @@ def settings(prefect_server: Settings, webui: SimulatorProcess, tmp_path: Path) 
             "retry_backoff_seconds": 0.1,
         }
     )
-
-
-def start_isolated_server(directory: Path, database_url: str | None = None) -> LocalServer:
-    """A Prefect server of a test's own (its own data directory and port)."""
-    from pydantic import SecretStr
-
-    port = free_port()
-    settings = Settings(
-        home=directory,
-        server_port=port,
-        server_start_timeout=180,
-        prefect_api_url=f"http://127.0.0.1:{port}/api",
-        database_url=SecretStr(database_url) if database_url else None,
-    )
-    server = LocalServer(settings)
-    server.start(detach=False)
-    return server
-
-
-class WorkerProcess:
-    """``stablenew worker`` as a real child process."""
-
-    def __init__(self, settings: Settings, *extra: str) -> None:
-        env = process_env(settings)
-        env.update(settings_env(settings))
-        self.log = settings.home / f"worker-{uuid.uuid4().hex[:6]}.log"
-        self.log.parent.mkdir(parents=True, exist_ok=True)
-        with self.log.open("wb") as out:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "stablenew_core.cli", "worker", *extra],
-                env=env,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-
-    def kill(self) -> None:
-        """kill -9: the worker and its job die together."""
-        self.process.kill()
-        self.process.wait(timeout=10)
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.kill()
-
-    def output(self) -> str:
-        return self.log.read_text(errors="replace")
 
 
 @pytest.fixture

@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
+import uuid
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from prefect.client.orchestration import get_client
 
 from stablenew_core import JobHistoryStore, JobRecord, Settings
-from stablenew_core.prefect_env import prefect_settings
+from stablenew_core.prefect_env import prefect_settings, process_env
+from stablenew_core.server import LocalServer
+from stablenew_core.settings import settings_env
+from stablenew_core.webui.process import free_port
 
 
 def generations_for(webui: Any, job_id: str, route: str | None = None) -> list[dict[str, Any]]:
@@ -58,3 +65,54 @@ def state_names(settings: Settings, flow_run_id: str) -> list[str]:
     with prefect_settings(settings), get_client(sync_client=True) as client:
         states = client.read_flow_run_states(flow_run_id)
     return [s.name for s in sorted(states, key=lambda s: s.timestamp)]
+
+
+def start_isolated_server(directory: Path, database_url: str | None = None) -> LocalServer:
+    """A Prefect server of a test's own (its own data directory and port)."""
+    from pydantic import SecretStr
+
+    port = free_port()
+    settings = Settings(
+        home=directory,
+        server_port=port,
+        server_start_timeout=180,
+        prefect_api_url=f"http://127.0.0.1:{port}/api",
+        database_url=SecretStr(database_url) if database_url else None,
+    )
+    server = LocalServer(settings)
+    server.start(detach=False)
+    return server
+
+
+class WorkerProcess:
+    """``stablenew worker`` as a real child process."""
+
+    def __init__(self, settings: Settings, *extra: str) -> None:
+        env = process_env(settings)
+        env.update(settings_env(settings))
+        self.log = settings.home / f"worker-{uuid.uuid4().hex[:6]}.log"
+        self.log.parent.mkdir(parents=True, exist_ok=True)
+        with self.log.open("wb") as out:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "stablenew_core.cli", "worker", *extra],
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+
+    def kill(self) -> None:
+        """kill -9: the worker and its job die together."""
+        self.process.kill()
+        self.process.wait(timeout=10)
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")

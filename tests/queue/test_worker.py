@@ -126,3 +126,33 @@ def test_internals_guard_fails_loudly_when_prefect_moves_them(
     monkeypatch.setattr(prefect, "__version__", "3.99.0")
     with pytest.raises(PrefectInternalsChanged, match=r"3\.99\.0"):
         check_internals()
+
+
+def test_server_patch_opens_sqlite_write_transactions_immediate() -> None:
+    from prefect.server.database import configurations
+
+    from stablenew_core._prefect_internals import check_server_internals, install_server_patches
+
+    check_server_internals()
+    original = configurations.AioSqliteConfiguration.begin_transaction
+    try:
+        install_server_patches()
+        patched = configurations.AioSqliteConfiguration.begin_transaction
+        assert patched is not original
+        assert patched.__wrapped_original__ is original  # type: ignore[attr-defined]
+        check_server_internals()  # still recognises the original behind the patch
+    finally:
+        configurations.AioSqliteConfiguration.begin_transaction = original  # type: ignore[method-assign]
+
+
+def test_server_guard_fails_loudly_when_prefect_moves_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    from prefect.server.database import configurations
+
+    from stablenew_core._prefect_internals import check_server_internals
+
+    async def moved(self: Any, session: Any) -> None:
+        return None
+
+    monkeypatch.setattr(configurations.AioSqliteConfiguration, "begin_transaction", moved)
+    with pytest.raises(PrefectInternalsChanged, match="begin_transaction"):
+        check_server_internals()

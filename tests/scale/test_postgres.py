@@ -16,8 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import WorkerProcess, start_isolated_server
-from support import generations_for, wait_terminal
+from support import WorkerProcess, generations_for, start_isolated_server, wait_terminal
 
 from stablenew_core import JobHistoryStore, JobService, PipelineConfig, PipelineController, Settings
 from stablenew_core.webui.process import SimulatorProcess

@@ -7,7 +7,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from conftest import start_isolated_server
+from support import start_isolated_server
 
 from stablenew_core import JobHistoryStore, JobService, PipelineConfig, PipelineController
 
