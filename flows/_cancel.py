@@ -8,6 +8,7 @@ the WebUI, where it interrupts the WebUI only if the running task is the job's o
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import threading
 from types import TracebackType
@@ -30,7 +31,11 @@ class CancelWatcher:
         self.flow_run_id = flow_run_id
         self.control = control
         self._done = threading.Event()
-        self._thread = threading.Thread(target=self._loop, daemon=True, name="cancel-watcher")
+        # The thread must see the caller's Prefect settings (API URL), not the process defaults.
+        context = contextvars.copy_context()
+        self._thread = threading.Thread(
+            target=context.run, args=(self._loop,), daemon=True, name="cancel-watcher"
+        )
 
     def __enter__(self) -> CancelWatcher:
         if self.flow_run_id is not None:

@@ -22,7 +22,6 @@ from prefect.artifacts import (
     create_table_artifact,
     update_progress_artifact,
 )
-from prefect.client.schemas.objects import FlowRun
 from prefect.context import FlowRunContext, TaskRunContext
 from prefect.states import Cancelled, State
 from prefect.transactions import CommitMode, transaction
@@ -30,9 +29,7 @@ from prefect.transactions import CommitMode, transaction
 from stablenew_core.errors import JobCancelledError, WebUIError
 from stablenew_core.gpu_slot import GpuSlot
 from stablenew_core.jobs import Job, JobResult, outputs_artifact_key, progress_artifact_key
-from stablenew_core.notify import notify_terminal
 from stablenew_core.outputs import job_output_dir, write_manifest
-from stablenew_core.records import build_record, job_from_parameters, outputs_from_result
 from stablenew_core.runtime import current_control, current_runtime
 from stablenew_core.stages import StageName, StageResult, planned_stages, run_stage
 
@@ -155,7 +152,7 @@ def job_task(job: Job) -> JobResult | State:
                     raise JobCancelledError(f"job {job.job_id} cancelled before {stage}")
                 previous = stage_runner.with_options(task_run_name=str(stage))(job, stage, previous)
                 results.append(previous)
-    except (JobCancelledError, InterruptedError) as exc:
+    except JobCancelledError as exc:
         return Cancelled(message=f"cancelled: {exc}")
     manifest = write_manifest(job, results, job_output_dir(settings.outputs, job))
     final = results[-1]
@@ -174,38 +171,14 @@ def job_task(job: Job) -> JobResult | State:
     )
 
 
-def _notify(flow: Any, flow_run: FlowRun, state: State) -> None:
-    """Flow state hook: tell the webhook (if any) that the job reached a terminal state."""
-    settings = current_runtime().settings
-    job = job_from_parameters(flow_run.parameters)
-    if not settings.webhook_url or job is None:
-        return
-    record = build_record(
-        job,
-        state=state,
-        flow_run_id=str(flow_run.id),
-        outputs=outputs_from_result(state),
-        started_at=flow_run.start_time,
-        finished_at=state.timestamp,
-    )
-    notify_terminal(
-        settings.webhook_url,
-        record,
-        attempts=settings.webhook_attempts,
-        backoff_seconds=settings.webhook_backoff_seconds,
-    )
-
-
-@flow(
-    name=FLOW_NAME,
-    flow_run_name="{job.source}-{job.job_id}",
-    validate_parameters=True,
-    on_completion=[_notify],
-    on_failure=[_notify],
-    on_cancellation=[_notify],
-    on_crashed=[_notify],
-)
+@flow(name=FLOW_NAME, flow_run_name="{job.source}-{job.job_id}", validate_parameters=True)
 def pipeline(job: Job) -> JobResult | State:
     """Generate the images of one job: txt2img, then each enabled stage."""
     with tags(*job.tags()):
-        return job_task.with_options(task_run_name=f"job-{job.job_id}", tags=set(job.tags()))(job)
+        state = job_task.with_options(task_run_name=f"job-{job.job_id}", tags=set(job.tags()))(
+            job, return_state=True
+        )
+    if state.is_cancelled():
+        # A fresh state, so the run keeps the job's own reason (not "1/1 states cancelled").
+        return Cancelled(message=state.message or "cancelled")
+    return state.result()

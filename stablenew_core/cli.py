@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import signal
 import threading
+import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -23,7 +24,7 @@ from rich.table import Table
 from .config import PipelineConfig
 from .errors import ConfigError, PackError, StablenewError
 from .jobs import JOB_SOURCES, JOB_STATUSES, RUN_MODES, JobRecord
-from .prefect_env import disable_telemetry
+from .prefect_env import configure_process, disable_telemetry
 from .settings import Settings, get_settings
 
 app = typer.Typer(
@@ -53,9 +54,13 @@ OutputOpt = Annotated[
 
 def _settings(**overrides: Any) -> Settings:
     try:
-        return get_settings(**overrides)
+        settings = get_settings(**overrides)
     except ValidationError as exc:
         raise ConfigError(_validation_message(exc, "setting")) from exc
+    # Before Prefect is imported: its process-wide settings (used by its background threads)
+    # must point at the same server as ours.
+    configure_process(settings)
+    return settings
 
 
 def _validation_message(exc: ValidationError, what: str) -> str:
@@ -72,6 +77,9 @@ def _friendly_errors() -> Iterator[None]:
         yield
     except (ConfigError, PackError) as exc:
         err.print(f"[red]error:[/red] {exc}", markup=True, highlight=False)
+        raise typer.Exit(2) from None
+    except ValidationError as exc:
+        err.print(f"[red]error:[/red] {_validation_message(exc, 'option')}", highlight=False)
         raise typer.Exit(2) from None
     except StablenewError as exc:
         err.print(f"[red]error:[/red] {exc}", markup=True, highlight=False)
@@ -567,6 +575,8 @@ def worker(
 def _serve_queue(settings: Settings) -> None:
     import time
 
+    import httpx
+
     from .errors import ServerError
     from .runner import SingleNodeJobRunner
     from .service import JobService
@@ -578,7 +588,7 @@ def _serve_queue(settings: Settings) -> None:
         try:
             JobService(settings, start_server=False).deploy()
             break
-        except ServerError as exc:
+        except (ServerError, httpx.HTTPError) as exc:
             if runner.stopping:
                 return
             err.print(f"waiting for the Prefect server: {exc}", markup=False, highlight=False)
@@ -880,13 +890,21 @@ def demo(
                 (direct,) = controller.run(config, run_mode="direct")
             _print_record(direct)
             console.rule("queue: add it to the queue, a worker drains it")
+            # Pinned to a worker of the demo's own, so it never takes the user's queued jobs.
+            demo_worker = f"demo-{uuid.uuid4().hex[:8]}"
             queued_job = controller.build_job(
-                config, run_mode="queue", source="add_to_queue", prompt_source="manual"
+                config,
+                run_mode="queue",
+                source="add_to_queue",
+                prompt_source="manual",
+                worker=demo_worker,
             )
             (queued,) = controller.submit([queued_job])
             console.print(f"queued {queued.job_id} as flow run {queued.flow_run_id}")
             with console.status("worker draining the queue..."):
-                SingleNodeJobRunner(settings).run_forever(max_jobs=1, idle_timeout=60)
+                SingleNodeJobRunner(settings, worker_name=demo_worker).run_forever(
+                    max_jobs=1, idle_timeout=60, only_pinned=True
+                )
             _print_record(JobHistoryStore(settings).get(queued.job_id))
             console.rule("stablenew history")
             history(limit=10, home=settings.home)

@@ -16,15 +16,8 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+from ._proc import pid_alive
+from .errors import JobCancelledError
 
 
 class GpuSlot:
@@ -42,7 +35,7 @@ class GpuSlot:
                 pid = int(path.stem.rsplit("-", 1)[1])
             except (IndexError, ValueError):
                 continue
-            if _alive(pid):
+            if pid_alive(pid):
                 tickets.append(path)
             else:
                 path.unlink(missing_ok=True)
@@ -69,8 +62,8 @@ class GpuSlot:
         """Wait for the slot and hold it for the block.
 
         ``on_wait(holder_label)`` is called once if the slot is busy; ``should_stop()`` is
-        polled while waiting and, when true, the ticket is withdrawn and ``InterruptedError``
-        raised.
+        polled while waiting and, when true, the ticket is withdrawn and
+        :class:`~stablenew_core.errors.JobCancelledError` raised.
         """
         self.directory.mkdir(parents=True, exist_ok=True)
         ticket = self.directory / f"{time.time_ns():020d}-{os.getpid()}.ticket"
@@ -91,7 +84,7 @@ class GpuSlot:
                     except OSError:
                         on_wait(None)
                 if should_stop is not None and should_stop():
-                    raise InterruptedError("stopped while waiting for the GPU")
+                    raise JobCancelledError("cancelled while waiting for the GPU")
                 time.sleep(self.poll_seconds)
             yield
         finally:

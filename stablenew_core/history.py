@@ -23,7 +23,7 @@ from prefect.client.schemas.filters import (
     FlowRunFilterTags,
 )
 from prefect.client.schemas.objects import FlowRun, StateType
-from prefect.client.schemas.sorting import FlowRunSort
+from prefect.client.schemas.sorting import ArtifactSort, FlowRunSort
 
 from .errors import ConfigError, JobNotFoundError
 from .jobs import OUTPUTS_ARTIFACT_PREFIX, TAG_ROOT, JobRecord
@@ -97,12 +97,22 @@ class JobHistoryStore:
         finished = [run.id for run in runs if run.state_type == StateType.COMPLETED]
         if not finished:
             return {}
-        artifacts = client.read_artifacts(
-            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(like_=OUTPUTS_ARTIFACT_PREFIX)),
-            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=finished)),
-        )
+        artifacts: builtins.list[Any] = []
+        while True:  # a resumed job has two outputs artifacts: page until all are read
+            page = client.read_artifacts(
+                artifact_filter=ArtifactFilter(
+                    key=ArtifactFilterKey(like_=OUTPUTS_ARTIFACT_PREFIX)
+                ),
+                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=finished)),
+                sort=ArtifactSort.CREATED_DESC,
+                limit=PAGE_SIZE,
+                offset=len(artifacts),
+            )
+            artifacts.extend(page)
+            if len(page) < PAGE_SIZE:
+                break
         outputs: dict[str, list[str]] = {}
-        for artifact in artifacts:
+        for artifact in reversed(artifacts):  # oldest first: the newest artifact wins
             if artifact.flow_run_id is None or not isinstance(artifact.data, list | str):
                 continue
             rows = _table_rows(artifact.data)

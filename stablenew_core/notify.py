@@ -18,6 +18,7 @@ import httpx
 from pydantic import BaseModel
 
 from .jobs import JobRecord
+from .settings import Settings
 
 logger = logging.getLogger("stablenew_core.notify")
 
@@ -115,3 +116,13 @@ def notify_terminal(
     )
     thread.start()
     return thread
+
+
+def notify_record(settings: Settings, record: JobRecord) -> threading.Thread | None:
+    """Tell ``settings.webhook_url`` (if set) that ``record`` reached a terminal state."""
+    return notify_terminal(
+        settings.webhook_url,
+        record,
+        attempts=settings.webhook_attempts,
+        backoff_seconds=settings.webhook_backoff_seconds,
+    )

@@ -117,3 +117,14 @@ def outputs_from_result(state: State) -> list[str]:
     except Exception:
         return []
     return list(result.outputs) if isinstance(result, JobResult) else []
+
+
+def record_from_state(job: Job, state: State, flow_run_id: object) -> JobRecord:
+    """A finished in-process run's record, from its final state (no API call)."""
+    return build_record(
+        job,
+        state=state,
+        flow_run_id=str(flow_run_id) if flow_run_id else None,
+        outputs=outputs_from_result(state),
+        finished_at=state.timestamp,
+    )

@@ -10,8 +10,8 @@ and reaps zombies: runs whose worker died with them (see :mod:`stablenew_core.re
 
 from __future__ import annotations
 
+import contextvars
 import logging
-import os
 import socket
 import threading
 import time
@@ -24,16 +24,17 @@ from prefect.client.orchestration import SyncPrefectClient, get_client
 from prefect.client.schemas.objects import FlowRun, State
 from prefect.client.schemas.responses import OrchestrationResult, SetStateStatus
 from prefect.flow_engine import run_flow
-from prefect.states import Pending
+from prefect.states import Cancelled, Pending
 
 from deployments import PRIORITY_QUEUES, ensure_pin_queue
 from flows.pipeline import pipeline
 from stablenew_core import _prefect_internals
 
 from .jobs import Job, JobRecord
+from .notify import notify_record
 from .prefect_env import prefect_settings
 from .reaper import Reaper, claim_message
-from .records import build_record, job_from_parameters, outputs_from_result
+from .records import job_from_parameters, record_from_state
 from .runtime import RunControl, Runtime, installed_control, use_control, use_runtime
 from .settings import Settings
 
@@ -53,6 +54,7 @@ class SingleNodeJobRunner:
         )
         self._stop = threading.Event()
         self._queues: list[str] | None = None
+        self._reaper: Reaper
         self.jobs_run = 0
         _prefect_internals.install()
 
@@ -60,7 +62,8 @@ class SingleNodeJobRunner:
 
     def run_once(self, job: Job) -> JobRecord:
         """Run ``job`` now, in this process, through the pipeline flow; return its final record."""
-        control = installed_control() or RunControl()
+        installed = installed_control()
+        control = RunControl(progress=installed.progress if installed else None)
         with (
             prefect_settings(self.settings),
             use_runtime(self.runtime),
@@ -68,14 +71,12 @@ class SingleNodeJobRunner:
             tags(*job.tags()),
         ):
             state = pipeline(job, return_state=True)
-        flow_run_id = state.state_details.flow_run_id
-        return build_record(
-            job,
-            state=state,
-            flow_run_id=str(flow_run_id) if flow_run_id else None,
-            outputs=outputs_from_result(state),
-            finished_at=state.timestamp,
-        )
+            flow_run_id = state.state_details.flow_run_id
+            if flow_run_id is not None and not state.is_final():
+                state = _finish_cancelled(flow_run_id, state)
+        record = record_from_state(job, state, flow_run_id)
+        notify_record(self.settings, record)
+        return record
 
     # -- queue ------------------------------------------------------------------------------
 
@@ -94,23 +95,24 @@ class SingleNodeJobRunner:
         max_jobs: int | None = None,
         idle_timeout: float | None = None,
         on_job: Callable[[JobRecord], None] | None = None,
+        only_pinned: bool = False,
     ) -> int:
         """Serve the work pool one job at a time until stopped; return how many jobs ran.
 
         ``max_jobs`` and ``idle_timeout`` (seconds without work) end the loop early, for tests
-        and batch use.
+        and batch use; ``only_pinned`` serves only the jobs pinned to this worker's name.
         """
         s = self.settings
         ran = 0
         with prefect_settings(s), use_runtime(self.runtime), get_client(sync_client=True) as client:
-            reaper = Reaper(client, s, self.worker_name)
-            heartbeat = _Heartbeat(s, self.worker_name, reaper)
+            self._reaper = Reaper(client, s, self.worker_name)
+            heartbeat = _Heartbeat(s, self.worker_name, self._reaper)
             heartbeat.start()
             try:
                 idle_since = time.monotonic()
                 while not self._stop.is_set():
                     try:
-                        flow_run = self._next_run(client)
+                        flow_run = self._next_run(client, only_pinned=only_pinned)
                     except Exception as exc:  # server restarting, network blip: wait, retry
                         logger.warning("cannot reach Prefect (%s); retrying", exc)
                         self._stop.wait(API_RETRY_SECONDS)
@@ -123,7 +125,7 @@ class SingleNodeJobRunner:
                             break
                         self._stop.wait(s.worker_poll_seconds)
                         continue
-                    record = self._execute(client, flow_run)
+                    record = self._execute(flow_run)
                     if record is not None:
                         ran += 1
                         self.jobs_run += 1
@@ -136,10 +138,11 @@ class SingleNodeJobRunner:
                 heartbeat.stop()
         return ran
 
-    def _next_run(self, client: SyncPrefectClient) -> FlowRun | None:
+    def _next_run(self, client: SyncPrefectClient, *, only_pinned: bool = False) -> FlowRun | None:
         if self._queues is None:
-            self._queues = [name for name, _ in PRIORITY_QUEUES.values()]
-            self._queues.append(ensure_pin_queue(client, self.settings.work_pool, self.worker_name))
+            pin = ensure_pin_queue(client, self.settings.work_pool, self.worker_name)
+            shared = [] if only_pinned else [name for name, _ in PRIORITY_QUEUES.values()]
+            self._queues = [*shared, pin]
         responses = client.get_scheduled_flow_runs_for_work_pool(
             self.settings.work_pool,
             work_queue_names=self._queues,
@@ -147,27 +150,64 @@ class SingleNodeJobRunner:
         )
         for response in responses:
             flow_run = response.flow_run
+            self._reaper.executing = flow_run.id  # before the claim: never reap our own
             claim: OrchestrationResult[Any] = client.set_flow_run_state(
                 flow_run.id, Pending(message=claim_message(self.worker_name)), force=False
             )
             if claim.status == SetStateStatus.ACCEPT:
                 flow_run.state = claim.state
                 return flow_run
+            self._reaper.executing = None
         return None
 
-    def _execute(self, client: SyncPrefectClient, flow_run: FlowRun) -> JobRecord | None:
+    def _execute(self, flow_run: FlowRun) -> JobRecord | None:
+        """Run one claimed flow run to its end; a failure of the engine itself crashes the run.
+
+        The engine runs on a helper thread: Prefect then installs no SIGTERM handler, so a
+        SIGTERM to the worker means "stop after this job", not "crash this job".
+        """
         job = job_from_parameters(flow_run.parameters)
-        with use_control(RunControl()):
-            state = cast(State, run_flow(pipeline, flow_run=flow_run, return_type="state"))
+        outcome: dict[str, Any] = {}
+        context = contextvars.copy_context()
+
+        def target() -> None:
+            try:
+                with use_control(RunControl()):
+                    outcome["state"] = run_flow(pipeline, flow_run=flow_run, return_type="state")
+            except BaseException as exc:
+                outcome["error"] = exc
+
+        thread = threading.Thread(target=context.run, args=(target,), name="job")
+        thread.start()
+        thread.join()
+        try:
+            if "error" in outcome:
+                exc = outcome["error"]
+                logger.error("flow run %s: the engine failed: %r", flow_run.id, exc)
+                current = self._reaper.client.read_flow_run(flow_run.id)
+                if current.state is not None and not current.state.is_final():
+                    self._reaper.executing = None
+                    self._reaper.crash(current, f"the worker's engine failed: {exc!r}")
+                return None
+            state = cast(State, outcome["state"])
+            if not state.is_final():
+                state = _finish_cancelled(flow_run.id, state)
+        finally:
+            self._reaper.executing = None
         if job is None:
             return None
-        return build_record(
-            job,
-            state=state,
-            flow_run_id=str(flow_run.id),
-            outputs=outputs_from_result(state),
-            finished_at=state.timestamp,
+        record = record_from_state(job, state, flow_run.id)
+        notify_record(self.settings, record)
+        return record
+
+
+def _finish_cancelled(flow_run_id: Any, state: State) -> State:
+    """A run left Cancelling (cancelled before it started running) ends Cancelled."""
+    with get_client(sync_client=True) as client:
+        result: OrchestrationResult[Any] = client.set_flow_run_state(
+            flow_run_id, Cancelled(message=state.message or "cancelled before it started")
         )
+        return cast(State, result.state) if result.state is not None else state
 
 
 class _Heartbeat:
@@ -181,9 +221,15 @@ class _Heartbeat:
         self._thread = threading.Thread(target=self._loop, daemon=True, name="worker-heartbeat")
 
     def start(self) -> None:
-        self._beat()
-        self.reaper.sweep()
+        self._beat_and_sweep()
         self._thread.start()
+
+    def _beat_and_sweep(self) -> None:
+        try:
+            self._beat()
+            self.reaper.sweep()
+        except Exception as exc:  # the server may be restarting: the next beat tries again
+            logger.warning("worker heartbeat failed: %r", exc)
 
     def stop(self) -> None:
         self._done.set()
@@ -201,13 +247,4 @@ class _Heartbeat:
         with prefect_settings(self.settings), get_client(sync_client=True) as client:
             self.reaper.client = client
             while not self._done.wait(self.settings.worker_heartbeat_seconds):
-                try:
-                    self._beat()
-                    self.reaper.sweep()
-                except Exception:
-                    logger.warning("worker heartbeat failed", exc_info=True)
-
-
-def worker_identity() -> str:
-    """host:pid of this process, as written in claims."""
-    return f"{socket.gethostname()}:{os.getpid()}"
+                self._beat_and_sweep()

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import httpx
 
+from ._proc import pid_alive
 from .errors import ServerError
 from .prefect_env import process_env
 from .settings import Settings
@@ -68,16 +69,18 @@ class LocalServer:
         return api_healthy(self.api_url)
 
     def running_pid(self) -> int | None:
-        """The pid in the pid file, if that process is alive."""
+        """The pid in the pid file, if that process is alive and is a server of ours."""
         try:
             pid = int(self.pid_file.read_text().strip())
         except (OSError, ValueError):
             return None
-        try:
-            os.kill(pid, 0)
-        except OSError:
+        if not pid_alive(pid):
             return None
-        return pid
+        try:  # a stale pid file (after a reboot) may name an unrelated process
+            command = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
+        except OSError:
+            return pid  # no /proc: trust the pid file
+        return pid if b"stablenew_core._server_main" in command else None
 
     def start(self, *, detach: bool = True, wait: bool = True) -> None:
         """Start the server unless one already answers; wait until it is healthy."""

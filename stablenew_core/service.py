@@ -27,8 +27,9 @@ from prefect.client.schemas.filters import (
     WorkPoolFilterName,
 )
 from prefect.client.schemas.objects import StateType
+from prefect.client.schemas.responses import OrchestrationResult, SetStateStatus
 from prefect.client.schemas.sorting import FlowRunSort
-from prefect.states import Cancelled, Cancelling, Scheduled
+from prefect.states import Cancelling, Scheduled
 from pydantic import BaseModel, ValidationError
 
 from deployments import (
@@ -42,11 +43,11 @@ from deployments import (
 from .config import PipelineConfig
 from .errors import ConfigError, JobNotFoundError, JobStateError, RunModeError
 from .history import JobHistoryStore
-from .jobs import TAG_ROOT, Job, JobRecord, make_job
-from .notify import notify_terminal
+from .jobs import TAG_ROOT, TERMINAL_STATUSES, Job, JobRecord, make_job
+from .notify import notify_record
 from .outputs import job_output_dir
 from .prefect_env import prefect_settings
-from .records import build_record, job_from_parameters
+from .records import build_record, job_from_parameters, record_from_flow_run, state_types_for
 from .runner import SingleNodeJobRunner
 from .server import ensure_server
 from .settings import Settings
@@ -87,14 +88,6 @@ def apply_edits(config: PipelineConfig, edits: dict[str, Any]) -> PipelineConfig
         return PipelineConfig.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(f"invalid config edits {edits!r}: {exc}") from exc
-
-
-TERMINAL_STATE_TYPES = [
-    StateType.COMPLETED,
-    StateType.FAILED,
-    StateType.CANCELLED,
-    StateType.CRASHED,
-]
 
 
 class PruneReport(BaseModel):
@@ -221,13 +214,9 @@ class JobService:
                 idempotency_key=job.idempotency_key or job.job_id,
                 work_queue_name=queue_name,
             )
-        return build_record(
-            job,
-            state=flow_run.state,
-            flow_run_id=str(flow_run.id),
-            outputs=[],
-            started_at=flow_run.start_time,
-            finished_at=flow_run.end_time,
+        # With a repeated key Prefect returns the existing run: report that run's job.
+        return record_from_flow_run(flow_run, outputs=[]) or build_record(
+            job, state=flow_run.state, flow_run_id=str(flow_run.id), outputs=[]
         )
 
     # -- queue control --------------------------------------------------------------------
@@ -257,7 +246,7 @@ class JobService:
             queued = client.count_flow_runs(
                 flow_run_filter=FlowRunFilter(
                     state=FlowRunFilterState(
-                        type=FlowRunFilterStateType(any_=[StateType.SCHEDULED, StateType.PENDING])
+                        type=FlowRunFilterStateType(any_=state_types_for(["queued"]))
                     )
                 ),
                 work_pool_filter=pool_filter,
@@ -282,24 +271,23 @@ class JobService:
     def cancel(self, job_id: str) -> JobRecord:
         """Cancel a job: a queued one never starts; a running one is stopped at a safe point.
 
-        Raises :class:`JobStateError` for a job that already ended.
+        Prefect's own state rules decide (nothing is forced), so a job that ended meanwhile is
+        never overwritten: that is a :class:`JobStateError`.
         """
         self._ensure_server()
         record = self.history.get(job_id)
         if record.is_terminal or record.flow_run_id is None:
             raise JobStateError(f"job {job_id} already ended ({record.status}); nothing to cancel")
         with prefect_settings(self.settings), get_client(sync_client=True) as client:
-            if record.status == "queued":
-                client.set_flow_run_state(
-                    record.flow_run_id, Cancelled(message="cancelled before it started"), force=True
-                )
-            else:
-                client.set_flow_run_state(
-                    record.flow_run_id, Cancelling(message="cancellation requested"), force=True
-                )
+            result: OrchestrationResult[Any] = client.set_flow_run_state(
+                record.flow_run_id, Cancelling(message="cancellation requested")
+            )
+        if result.status == SetStateStatus.ABORT:
+            ended = self.history.get(job_id)
+            raise JobStateError(f"job {job_id} ended ({ended.status}) before it could be cancelled")
         updated = self.history.get(job_id)
         if updated.status == "cancelled":
-            self._notify(updated)
+            notify_record(self.settings, updated)
         return updated
 
     def move_to_front(self, job_id: str) -> JobRecord:
@@ -326,11 +314,15 @@ class JobService:
                 else datetime.now(UTC)
             )
             front = min(earliest, datetime.now(UTC)) - timedelta(seconds=1)
-            client.set_flow_run_state(
-                record.flow_run_id,
-                Scheduled(scheduled_time=front, message="moved to the front"),
-                force=True,
+            run = client.read_flow_run(UUID(record.flow_run_id))
+            if run.state_type != StateType.SCHEDULED:
+                raise JobStateError(f"job {job_id} started meanwhile; it cannot move")
+            # Not forced: if a worker claims it this instant, Prefect rejects the move.
+            result: OrchestrationResult[Any] = client.set_flow_run_state(
+                record.flow_run_id, Scheduled(scheduled_time=front, message="moved to the front")
             )
+            if result.status != SetStateStatus.ACCEPT:
+                raise JobStateError(f"job {job_id} started meanwhile; it cannot move")
         return self.history.get(job_id)
 
     def retry(
@@ -388,7 +380,9 @@ class JobService:
         cutoff = datetime.now(UTC) - older_than
         flow_filter = FlowRunFilter(
             tags=FlowRunFilterTags(all_=[TAG_ROOT]),
-            state=FlowRunFilterState(type=FlowRunFilterStateType(any_=TERMINAL_STATE_TYPES)),
+            state=FlowRunFilterState(
+                type=FlowRunFilterStateType(any_=state_types_for(TERMINAL_STATUSES))
+            ),
             expected_start_time=FlowRunFilterExpectedStartTime(before_=cutoff),
         )
         report = PruneReport(cutoff=cutoff, dry_run=dry_run)
@@ -416,15 +410,6 @@ class JobService:
                 if len(runs) < PAGE_LIMIT:
                     break
         return report
-
-    def _notify(self, record: JobRecord) -> None:
-        s = self.settings
-        notify_terminal(
-            s.webhook_url,
-            record,
-            attempts=s.webhook_attempts,
-            backoff_seconds=s.webhook_backoff_seconds,
-        )
 
     def wait(self, job_id: str, *, timeout: float = 600.0, poll: float = 0.5) -> JobRecord:
         """Block until ``job_id`` reaches a terminal status; return its record."""

@@ -11,11 +11,20 @@ from __future__ import annotations
 import os
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import unquote, urlsplit, urlunsplit
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 CrashPolicy = Literal["resume_once", "never"]
+
+
+def _without_userinfo(url: str) -> str:
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    if parts.port:
+        host = f"{host}:{parts.port}"
+    return urlunsplit((parts.scheme, host, parts.path, parts.query, parts.fragment))
 
 
 def _default_home() -> Path:
@@ -82,8 +91,24 @@ class Settings(BaseSettings):
             return None
         value = value.strip().rstrip("/")
         if value and not value.startswith(("http://", "https://")):
-            raise ValueError(f"must start with http:// or https://, got {value!r}")
+            raise ValueError(
+                f"must start with http:// or https://, got {_without_userinfo(value)!r}"
+            )
         return value or None
+
+    @model_validator(mode="after")
+    def _credentials_out_of_the_webui_url(self) -> Settings:
+        """``http://user:pass@host`` becomes the URL plus webui_user/webui_password, so the
+        password never travels in a URL that gets printed or logged."""
+        parts = urlsplit(self.webui_url)
+        if parts.username is None and parts.password is None:
+            return self
+        object.__setattr__(self, "webui_url", _without_userinfo(self.webui_url))
+        if self.webui_user is None and parts.username:
+            object.__setattr__(self, "webui_user", unquote(parts.username))
+        if self.webui_password is None and parts.password:
+            object.__setattr__(self, "webui_password", SecretStr(unquote(parts.password)))
+        return self
 
     @property
     def outputs(self) -> Path:

@@ -102,8 +102,10 @@ def start_worker(settings: Settings) -> Iterator[object]:
     """Start worker processes for this test; all are stopped when it ends."""
     workers: list[WorkerProcess] = []
 
-    def start(*extra: str, settings_override: Settings | None = None) -> WorkerProcess:
-        worker = WorkerProcess(settings_override or settings, *extra)
+    def start(
+        *extra: str, settings_override: Settings | None = None, plain_env: bool = False
+    ) -> WorkerProcess:
+        worker = WorkerProcess(settings_override or settings, *extra, plain_env=plain_env)
         workers.append(worker)
         return worker
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+import os
 import subprocess
 import sys
 import time
@@ -87,8 +89,13 @@ def start_isolated_server(directory: Path, database_url: str | None = None) -> L
 class WorkerProcess:
     """``stablenew worker`` as a real child process."""
 
-    def __init__(self, settings: Settings, *extra: str) -> None:
-        env = process_env(settings)
+    def __init__(self, settings: Settings, *extra: str, plain_env: bool = False) -> None:
+        """``plain_env``: only ``STABLENEW_*`` variables, as a user would start it (no
+        ``PREFECT_*`` set up for it)."""
+        if plain_env:
+            env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+        else:
+            env = process_env(settings)
         env.update(settings_env(settings))
         self.log = settings.home / f"worker-{uuid.uuid4().hex[:6]}.log"
         self.log.parent.mkdir(parents=True, exist_ok=True)
@@ -116,3 +123,10 @@ class WorkerProcess:
 
     def output(self) -> str:
         return self.log.read_text(errors="replace")
+
+
+def assert_one_at_a_time(generations: list[dict[str, Any]]) -> None:
+    """No two generations of one WebUI overlap in time (as the WebUI saw them)."""
+    spans = sorted((g["started_at"], g["finished_at"]) for g in generations if g.get("finished_at"))
+    for (_, end), (start, _) in itertools.pairwise(spans):
+        assert start >= end - 1e-6, "one WebUI ran two generations at once"

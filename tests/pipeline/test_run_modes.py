@@ -14,6 +14,7 @@ from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import (
     FlowRunFilter,
     FlowRunFilterId,
+    FlowRunFilterTags,
     TaskRunFilter,
     TaskRunFilterFlowRunId,
 )
@@ -64,6 +65,11 @@ def test_direct_job_runs_in_process_and_is_recorded(settings: Settings, webui: A
 
     flow_run, task_runs = flow_run_and_task_runs(settings, record.flow_run_id or "")
     assert flow_run.deployment_id is None, "a direct job must not become a deployment run"
+    with prefect_settings(settings), get_client(sync_client=True) as client:
+        runs_of_job = client.read_flow_runs(
+            flow_run_filter=FlowRunFilter(tags=FlowRunFilterTags(all_=[f"job:{record.job_id}"]))
+        )
+    assert [r.id for r in runs_of_job] == [flow_run.id], "exactly one run, never also queued"
     assert flow_run.state.is_completed()
     expected_tags = {
         "stablenew",

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import threading
+import uuid
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -80,12 +81,13 @@ def test_cancel_a_running_job_interrupts_its_webui_task_and_the_worker_goes_on(
     controller = PipelineController(service)
     long_job = queued(controller, SMALL.model_copy(update={"steps": 150}))
     next_job = queued(controller)
-    start_worker()
+    start_worker(plain_env=True)  # as a user starts it: only STABLENEW_* in its environment
     wait_status(settings, long_job.job_id, ("running",), timeout=60)
     wait_for(lambda: generations_for(slow_webui, long_job.job_id), timeout=30)
     service.cancel(long_job.job_id)
     record = wait_terminal(settings, long_job.job_id, timeout=60)
     assert record.status == "cancelled"
+    assert record.error and "cancelled" in record.error and "states cancelled" not in record.error
     outcomes = [g["outcome"] for g in generations_for(slow_webui, long_job.job_id)]
     assert outcomes == ["interrupted"]
     assert wait_terminal(settings, next_job.job_id).status == "completed"
@@ -155,10 +157,12 @@ def test_rejected_request_is_not_retried(settings: Settings, webui: Any) -> None
 
 def test_idempotency_key_submits_once(settings: Settings) -> None:
     controller = PipelineController(settings=settings)
-    first = queued(controller, idempotency_key="nightly-42")
-    second = queued(controller, idempotency_key="nightly-42")
-    assert first.job_id != second.job_id
+    key = f"nightly-{uuid.uuid4().hex[:6]}"
+    first = queued(controller, idempotency_key=key)
+    second = queued(controller, idempotency_key=key)  # a new job object, the same key
     assert first.flow_run_id == second.flow_run_id
+    assert second.job_id == first.job_id, "the repeat reports the job that exists"
+    assert JobService(settings).history.get(second.job_id).flow_run_id == first.flow_run_id
 
 
 class _Hook(BaseHTTPRequestHandler):

@@ -49,7 +49,6 @@ def test_worker_hands_over_in_submission_order_never_two_at_once(
     assert starts == sorted(starts), "jobs must start in submission order"
     for earlier, later in itertools.pairwise(spans):
         assert earlier["finished_at"] <= later["started_at"]
-    assert webui.stats()["max_concurrent"] == 1
 
 
 def test_direct_and_queued_jobs_share_one_gpu_slot(

@@ -16,7 +16,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from support import WorkerProcess, generations_for, start_isolated_server, wait_terminal
+from support import (
+    WorkerProcess,
+    assert_one_at_a_time,
+    generations_for,
+    start_isolated_server,
+    wait_terminal,
+)
 
 from stablenew_core import JobHistoryStore, JobService, PipelineConfig, PipelineController, Settings
 from stablenew_core.webui.process import SimulatorProcess
@@ -104,8 +110,8 @@ def test_two_workers_two_webuis_drain_40_jobs(pg: Settings) -> None:
         per_job: Counter[str] = Counter()
         for sim in (sim1, sim2):
             stats = sim.stats()
-            assert stats["max_concurrent"] == 1, "one WebUI received two generations at once"
             assert len(stats["generations"]) > 0, "both workers must work"
+            assert_one_at_a_time(stats["generations"])
             for job in jobs:
                 per_job[job.job_id] += len(generations_for(sim, job.job_id))
         assert all(per_job[job.job_id] == 1 for job in jobs), "a job was lost or doubled"
