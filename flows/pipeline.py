@@ -22,7 +22,7 @@ from prefect.artifacts import (
     create_table_artifact,
     update_progress_artifact,
 )
-from prefect.context import FlowRunContext, TaskRunContext
+from prefect.context import FlowRunContext, TagsContext, TaskRunContext
 from prefect.states import Cancelled, State
 from prefect.transactions import CommitMode, transaction
 
@@ -131,7 +131,6 @@ def job_task(job: Job) -> JobResult | State:
         logger.info("waiting for GPU (held by %s)", holder or "another job")
 
     stage_runner = stage_task.with_options(
-        tags=set(job.tags()),
         retries=settings.transient_retries,
         retry_delay_seconds=settings.retry_backoff_seconds,
     )
@@ -145,6 +144,9 @@ def job_task(job: Job) -> JobResult | State:
             # Each finished stage's result is committed at once (not when the job ends), so a
             # job resumed after a crash finds the stages it had finished.
             transaction(commit_mode=CommitMode.EAGER),
+            # Stage task runs carry no tags: Prefect checks tag concurrency limits with an API
+            # call for every tagged task run, and the job's task run already has the job's tags.
+            TagsContext(current_tags=set()),
         ):
             previous: StageResult | None = None
             for stage in stages:

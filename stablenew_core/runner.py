@@ -32,7 +32,7 @@ from stablenew_core import _prefect_internals
 
 from .jobs import Job, JobRecord
 from .notify import notify_record
-from .prefect_env import prefect_settings
+from .prefect_env import ensure_result_storage, prefect_settings
 from .reaper import Reaper, claim_message
 from .records import job_from_parameters, record_from_state
 from .runtime import RunControl, Runtime, installed_control, use_control, use_runtime
@@ -62,6 +62,7 @@ class SingleNodeJobRunner:
 
     def run_once(self, job: Job) -> JobRecord:
         """Run ``job`` now, in this process, through the pipeline flow; return its final record."""
+        ensure_result_storage(self.settings)
         installed = installed_control()
         control = RunControl(progress=installed.progress if installed else None)
         with (
@@ -104,6 +105,7 @@ class SingleNodeJobRunner:
         """
         s = self.settings
         ran = 0
+        ensure_result_storage(s)
         with prefect_settings(s), use_runtime(self.runtime), get_client(sync_client=True) as client:
             self._reaper = Reaper(client, s, self.worker_name)
             heartbeat = _Heartbeat(s, self.worker_name, self._reaper)
