@@ -55,8 +55,11 @@ OutputOpt = Annotated[
 def _settings(**overrides: Any) -> Settings:
     try:
         settings = get_settings(**overrides)
-    except ValidationError as exc:
-        raise ConfigError(_validation_message(exc, "setting")) from exc
+    except ValidationError as exc:  # settings hide their inputs: a value may be a secret
+        raise ConfigError(
+            "invalid setting: "
+            + "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        ) from exc
     # Before Prefect is imported: its process-wide settings (used by its background threads)
     # must point at the same server as ours.
     configure_process(settings)
@@ -67,7 +70,8 @@ def _validation_message(exc: ValidationError, what: str) -> str:
     parts = []
     for error in exc.errors():
         where = ".".join(str(p) for p in error["loc"]) or what
-        parts.append(f"{where}: {error['msg']} (got {error.get('input')!r})")
+        got = "" if "input" not in error else f" (got {error['input']!r})"
+        parts.append(f"{where}: {error['msg']}{got}")
     return f"invalid {what}: " + "; ".join(parts)
 
 

@@ -35,7 +35,10 @@ class Settings(BaseSettings):
     """Everything configurable, in one place."""
 
     model_config = SettingsConfigDict(
-        env_prefix="STABLENEW_", extra="ignore", validate_default=True
+        env_prefix="STABLENEW_",
+        extra="ignore",
+        validate_default=True,
+        hide_input_in_errors=True,  # a bad value may be a credential: messages say it safely
     )
 
     home: Path = Field(default_factory=_default_home, description="Data directory.")
