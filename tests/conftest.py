@@ -81,6 +81,16 @@ def webui() -> Iterator[SimulatorProcess]:
 
 
 @pytest.fixture
+def slow_webui(webui: SimulatorProcess) -> Iterator[SimulatorProcess]:
+    """The session's simulator at 20 ms per step for one test (jobs long enough to catch)."""
+    webui.set_step_seconds(0.02)
+    try:
+        yield webui
+    finally:
+        webui.set_step_seconds(0.001)
+
+
+@pytest.fixture
 def settings(prefect_server: Settings, webui: SimulatorProcess, tmp_path: Path) -> Settings:
     """Settings for one test: the session's server and simulator, its own pool and outputs."""
     name = f"t-{uuid.uuid4().hex[:10]}"

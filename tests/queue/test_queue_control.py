@@ -32,16 +32,6 @@ def queued(controller: PipelineController, config: PipelineConfig = SMALL, **kw:
     return record
 
 
-@pytest.fixture
-def slow_webui(webui: Any) -> Iterator[Any]:
-    """The simulator at 20 ms per step for one test."""
-    webui.set_step_seconds(0.02)
-    try:
-        yield webui
-    finally:
-        webui.set_step_seconds(0.001)
-
-
 def test_pause_holds_new_jobs_and_resume_releases_them(
     settings: Settings, webui: Any, start_worker: Any
 ) -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-from collections.abc import Iterator
 from typing import Any
 
 import prefect
@@ -27,15 +26,6 @@ def queue_job(controller: PipelineController, config: PipelineConfig = SMALL) ->
     return record
 
 
-@pytest.fixture
-def slow_webui(webui: Any) -> Iterator[Any]:
-    webui.set_step_seconds(0.02)
-    try:
-        yield webui
-    finally:
-        webui.set_step_seconds(0.001)
-
-
 def test_worker_hands_over_in_submission_order_never_two_at_once(
     settings: Settings, webui: Any, start_worker: Any
 ) -> None:
@@ -55,7 +45,7 @@ def test_direct_and_queued_jobs_share_one_gpu_slot(
     settings: Settings, slow_webui: Any, start_worker: Any, caplog: pytest.LogCaptureFixture
 ) -> None:
     chain = PipelineConfig.model_validate(
-        {**SMALL.to_dict(), "steps": 20, "img2img": {"enabled": True}, "upscale": {"enabled": True}}
+        {**SMALL.to_dict(), "steps": 50, "img2img": {"enabled": True}, "upscale": {"enabled": True}}
     )
     controller = PipelineController(settings=settings)
     queued = queue_job(controller, chain)
