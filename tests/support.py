@@ -62,6 +62,11 @@ def wait_terminal(settings: Settings, job_id: str, timeout: float = 120) -> JobR
     return wait_status(settings, job_id, ("completed", "failed", "cancelled", "crashed"), timeout)
 
 
+# Under the resume_once crash policy a crashed run is Crashed for a moment before it goes back
+# in the queue: tests that expect a resume wait for these instead of any terminal status.
+SETTLED = ("completed", "failed", "cancelled")
+
+
 def state_names(settings: Settings, flow_run_id: str) -> list[str]:
     """The names of a flow run's states, oldest first."""
     with prefect_settings(settings), get_client(sync_client=True) as client:

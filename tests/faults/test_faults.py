@@ -14,7 +14,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from support import generations_for, state_names, wait_for, wait_status, wait_terminal
+from support import (
+    SETTLED,
+    generations_for,
+    state_names,
+    wait_for,
+    wait_status,
+    wait_terminal,
+)
 
 from stablenew_core import JobHistoryStore, PipelineConfig, PipelineController, Settings
 from stablenew_core.server import LocalServer
@@ -77,7 +84,7 @@ def test_worker_killed_three_times_during_a_30_job_queue(
         start_worker()
         wait_for(
             lambda: (
-                all(r.status in TERMINAL for r in drained(settings, ids).values())
+                all(r.status in SETTLED for r in drained(settings, ids).values())
                 and len(drained(settings, ids)) == 30
             ),
             timeout=240,
@@ -139,7 +146,7 @@ def test_prefect_server_restart_with_20_jobs_queued(
         wait_for(
             lambda: (
                 len(final := drained(settings, ids)) == 20
-                and all(r.status in TERMINAL for r in final.values())
+                and all(r.status in SETTLED for r in final.values())
             ),
             timeout=240,
         )

@@ -10,7 +10,14 @@ from typing import Any
 import prefect
 import prefect.flow_engine
 import pytest
-from support import generations_for, state_names, wait_for, wait_status, wait_terminal
+from support import (
+    SETTLED,
+    generations_for,
+    state_names,
+    wait_for,
+    wait_status,
+    wait_terminal,
+)
 
 from stablenew_core import JobHistoryStore, PipelineConfig, PipelineController, Settings
 from stablenew_core._prefect_internals import PrefectInternalsChanged, check_internals
@@ -75,7 +82,7 @@ def test_zombie_run_is_crashed_and_resumed_once_by_the_next_worker(
     assert JobHistoryStore(settings).get(victim.job_id).status == "running"
 
     start_worker()
-    record = wait_terminal(settings, victim.job_id, timeout=60)
+    record = wait_status(settings, victim.job_id, SETTLED, timeout=60)
     assert record.status == "completed", record.error
     names = state_names(settings, victim.flow_run_id)
     assert "Crashed" in names and "Resuming" in names
