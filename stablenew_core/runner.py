@@ -16,6 +16,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from typing import Any, cast
 
@@ -54,6 +55,7 @@ class SingleNodeJobRunner:
         )
         self._stop = threading.Event()
         self._queues: list[str] | None = None
+        self._job_thread: ThreadPoolExecutor | None = None
         self._reaper: Reaper
         self.jobs_run = 0
         _prefect_internals.install()
@@ -138,6 +140,9 @@ class SingleNodeJobRunner:
                         break
             finally:
                 heartbeat.stop()
+                if self._job_thread is not None:
+                    self._job_thread.shutdown(wait=True)
+                    self._job_thread = None
         return ran
 
     def _next_run(self, client: SyncPrefectClient, *, only_pinned: bool = False) -> FlowRun | None:
@@ -179,9 +184,11 @@ class SingleNodeJobRunner:
             except BaseException as exc:
                 outcome["error"] = exc
 
-        thread = threading.Thread(target=context.run, args=(target,), name="job")
-        thread.start()
-        thread.join()
+        # One long-lived job thread: Prefect keeps clients and event loops per thread, so a new
+        # thread per job would leak a thread, a connection and ~2 MB with every job.
+        if self._job_thread is None:
+            self._job_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="job")
+        self._job_thread.submit(context.run, target).result()
         try:
             if "error" in outcome:
                 exc = outcome["error"]
