@@ -193,9 +193,9 @@ def _print_record(record: JobRecord) -> None:
     if record.flow_run_id:
         console.print(f"run      {record.flow_run_id}", highlight=False)
     if record.error:
-        console.print(f"error    {record.error}", highlight=False, markup=False)
+        console.print(f"error    {record.error}", highlight=False, markup=False, soft_wrap=True)
     for path in record.outputs:
-        console.print(f"image    {path}", highlight=False, markup=False)
+        console.print(f"image    {path}", highlight=False, markup=False, soft_wrap=True)
 
 
 def _controller(settings: Settings) -> Any:
@@ -363,19 +363,19 @@ def history(
                 console.print_json(record.model_dump_json())
             return
         table = Table(title=f"stablenew history ({len(records)} shown)")
-        for column in ("job", "status", "mode", "source", "prompt", "pack", "created", "images"):
-            table.add_column(column)
+        for column in ("job", "status", "mode", "source", "created", "images", "pack"):
+            table.add_column(column, no_wrap=True)
+        table.add_column("prompt", overflow="ellipsis", no_wrap=True, max_width=18)
         for r in records:
-            prompt_text = str((r.config_snapshot or {}).get("prompt", ""))
             table.add_row(
-                r.job_id,
+                r.job_id[:12],
                 r.status,
                 r.run_mode,
                 r.source,
-                prompt_text[:40],
-                r.prompt_pack_id or "",
-                r.created_at.strftime("%Y-%m-%d %H:%M:%S") if r.created_at else "",
+                r.created_at.strftime("%m-%d %H:%M:%S") if r.created_at else "",
                 str(len(r.outputs)),
+                r.prompt_pack_id or "",
+                str((r.config_snapshot or {}).get("prompt", "")),
             )
         console.print(table)
 
