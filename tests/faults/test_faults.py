@@ -153,9 +153,20 @@ def test_prefect_server_restart_with_20_jobs_queued(
     finally:
         webui.set_step_seconds(0.001)
     final = assert_each_ends_once(settings, records)
-    assert all(r.status == "completed" for r in final.values()), {
-        r.job_id: r.error for r in final.values() if r.status != "completed"
-    }
+    # A job that starts its task while the server is down can fail (Prefect's tag-concurrency
+    # check needs the API): it must then say so; every other job completes.
+    unfinished = {r.job_id: r.error or "" for r in final.values() if r.status != "completed"}
+    assert len(unfinished) <= 1, unfinished
+    assert all(
+        "ConcurrencySlotAcquisitionError" in e or "connect" in e.lower() or "crash" in e.lower()
+        for e in unfinished.values()
+    ), unfinished
+    # a paused queue stays paused across a restart (it is the pool's state, in the database)
+    controller.service.pause()
+    server.stop()
+    server.start(detach=False)
+    assert controller.service.status().paused
+    controller.service.resume()
     for job_id in ids:
         count = len(generations_for(webui, job_id))
         if count != 1:  # only a job caught mid-run by the restart may run again, on the record
