@@ -74,6 +74,7 @@ class SingleNodeJobRunner:
             tags(*job.tags()),
         ):
             state = pipeline(job, return_state=True)
+            _prefect_internals.release_job_services()
             flow_run_id = state.state_details.flow_run_id
             if flow_run_id is not None and not state.is_final():
                 state = _finish_cancelled(flow_run_id, state)
@@ -189,6 +190,7 @@ class SingleNodeJobRunner:
         if self._job_thread is None:
             self._job_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="job")
         self._job_thread.submit(context.run, target).result()
+        _prefect_internals.release_job_services()
         try:
             if "error" in outcome:
                 exc = outcome["error"]

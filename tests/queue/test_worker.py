@@ -152,3 +152,18 @@ def test_server_guard_fails_loudly_when_prefect_moves_it(monkeypatch: pytest.Mon
     monkeypatch.setattr(configurations.AioSqliteConfiguration, "begin_transaction", moved)
     with pytest.raises(PrefectInternalsChanged, match="begin_transaction"):
         check_server_internals()
+
+
+def test_service_guard_passes_and_fails_loudly(monkeypatch: pytest.MonkeyPatch) -> None:
+    from prefect.concurrency.services import ConcurrencySlotAcquisitionWithLeaseService
+
+    from stablenew_core._prefect_internals import check_service_internals
+
+    check_service_internals()
+
+    def moved(cls: Any) -> None:  # an upgrade that changed drain_all's parameters
+        return None
+
+    monkeypatch.setattr(ConcurrencySlotAcquisitionWithLeaseService, "drain_all", classmethod(moved))
+    with pytest.raises(PrefectInternalsChanged, match="drain_all"):
+        check_service_internals()
