@@ -32,7 +32,6 @@ from .jobs import (
     RunMode,
     make_job,
     new_job_id,
-    normalize_run_mode,
     utc_now,
 )
 from .service import JobService
@@ -182,11 +181,4 @@ class PipelineController:
 
     def submit(self, jobs: Iterable[Job]) -> list[JobRecord]:
         """Submit each job by its run mode; return their records in order."""
-        records = []
-        for job in jobs:
-            mode = normalize_run_mode(job.run_mode)
-            if mode == "direct":
-                records.append(self.service.submit_direct(job))
-            else:
-                records.append(self.service.submit_queued(job))
-        return records
+        return [self.service.submit(job) for job in jobs]

@@ -43,7 +43,7 @@ from deployments import (
 from .config import PipelineConfig
 from .errors import ConfigError, JobNotFoundError, JobStateError, RunModeError
 from .history import JobHistoryStore
-from .jobs import TAG_ROOT, TERMINAL_STATUSES, Job, JobRecord, make_job
+from .jobs import TAG_ROOT, TERMINAL_STATUSES, Job, JobRecord, make_job, normalize_run_mode
 from .notify import notify_record
 from .outputs import job_output_dir
 from .prefect_env import prefect_settings
@@ -166,8 +166,11 @@ class JobService:
     # -- submission -----------------------------------------------------------------------
 
     def submit(self, job: Job) -> JobRecord:
-        """Route ``job`` by its run mode: direct -> :meth:`submit_direct`, queue -> queued."""
-        if job.run_mode == "direct":
+        """Enforce ``job``'s run mode: direct -> :meth:`submit_direct`, queue -> queued.
+
+        The one place that routes by run mode (:meth:`PipelineController.submit` calls it).
+        """
+        if normalize_run_mode(job.run_mode) == "direct":
             return self.submit_direct(job)
         return self.submit_queued(job)
 
