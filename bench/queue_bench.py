@@ -1286,8 +1286,12 @@ def machine() -> str:
 
 
 def source_tree() -> str:
-    """The commit the library was imported from, and how many tracked files differ from it."""
-    repo = Path(__file__).resolve().parents[1]
+    """Where the library is imported from: its checkout's commit and how many tracked files
+    differ from it (the library can change while a long run goes on: workers started later
+    import the newer code)."""
+    import stablenew_core
+
+    repo = Path(stablenew_core.__file__).resolve().parents[1]
     try:
         head = subprocess.run(
             ["git", "-C", str(repo), "log", "-1", "--format=%h %s"],
@@ -1302,7 +1306,7 @@ def source_tree() -> str:
             check=True,
         ).stdout.splitlines()
     except (OSError, subprocess.CalledProcessError):
-        return "not a git checkout"
+        return f"{repo} (not a git checkout)"
     state = f"{len(dirty)} tracked files modified" if dirty else "clean"
     return f"{head[:90]} ({state})"
 
