@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import random
 import shutil
 import signal
 import socket
@@ -43,7 +44,8 @@ import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager, suppress
-from datetime import datetime
+from dataclasses import dataclass
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -78,7 +80,7 @@ from rich.table import Table  # noqa: E402
 
 from stablenew_core import JobHistoryStore, JobService, PipelineConfig, Settings  # noqa: E402
 from stablenew_core.history import filter_tags  # noqa: E402
-from stablenew_core.jobs import Job, make_job  # noqa: E402
+from stablenew_core.jobs import Job, JobRecord, make_job, outputs_artifact_key  # noqa: E402
 from stablenew_core.prefect_env import prefect_settings, process_env  # noqa: E402
 from stablenew_core.server import LocalServer  # noqa: E402
 from stablenew_core.settings import settings_env  # noqa: E402
@@ -88,6 +90,11 @@ ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
 PG_BASE = "postgresql+asyncpg://postgres@127.0.0.1:5432"
 TERMINAL = ("completed", "failed", "cancelled", "crashed")
 SEED_CONFIG = PipelineConfig(prompt="a lantern in fog", steps=5, width=64, height=64, seed=9)
+SEED_SNAPSHOT = make_job(
+    SEED_CONFIG, run_mode="queue", source="run", prompt_source="manual"
+).config_snapshot
+# Queued jobs are Scheduled until the server marks them Late (bulk copies are copied Late).
+STATE_NAMES = {"completed": {"Completed"}, "failed": {"Failed"}, "queued": {"Scheduled", "Late"}}
 console = Console(width=160)  # wide enough for the tables when piped
 err = Console(stderr=True, width=160)
 
@@ -194,24 +201,61 @@ def wait_for(condition: Callable[[], Any], timeout: float, poll: float = 0.25) -
 # -- 1. history ------------------------------------------------------------------------------
 
 
-def seed_job(i: int) -> Job:
+def seed_attrs(i: int) -> dict[str, Any]:
     """Job number ``i``: 70% queue / 30% direct, a few sources, every 10th from a pack."""
     from_pack = i % 10 == 0
-    return make_job(
-        SEED_CONFIG,
-        run_mode="direct" if i % 10 in (3, 6, 9) else "queue",
-        source=("add_to_queue", "run", "run_now")[i % 3],
-        prompt_source="pack" if from_pack else "manual",
-        prompt_pack_id=f"pack-{i % 7}" if from_pack else None,
-    )
+    return {
+        "run_mode": "direct" if i % 10 in (3, 6, 9) else "queue",
+        "source": ("add_to_queue", "run", "run_now")[i % 3],
+        "prompt_source": "pack" if from_pack else "manual",
+        "prompt_pack_id": f"pack-{i % 7}" if from_pack else None,
+    }
 
 
-def seed(settings: Settings, deployment_id: Any, start: int, stop: int, threads: int) -> None:
-    """Record jobs ``start..stop-1``: 30% forced Completed, 10% Failed, the rest Scheduled."""
+def seed_job(i: int, created_at: datetime | None = None) -> Job:
+    """Job number ``i`` (:func:`seed_attrs`), created now or at ``created_at``."""
+    return make_job(SEED_CONFIG, created_at=created_at, **seed_attrs(i))
+
+
+def seed_status(i: int) -> str:
+    """What job ``i`` ends as: 30% completed, 10% failed, the rest queued (Scheduled, Late)."""
+    if i % 10 in (0, 1, 2):
+        return "completed"
+    if i % 10 == 4:
+        return "failed"
+    return "queued"
+
+
+def seed_outputs(job: Job) -> list[dict[str, Any]]:
+    """The rows of a completed job's outputs table artifact, as the flow writes them."""
+    day = job.created_at.strftime("%Y-%m-%d")
+    path = f"/bench/outputs/{day}/{job.job_id}/txt2img_0.png"
+    return [{"stage": "txt2img", "index": 0, "path": path, "seed": 9}]
+
+
+@dataclass(slots=True)
+class Seeded:
+    """What the benchmark remembers of one recorded job, to check history against."""
+
+    index: int
+    job_id: str
+    expected_start: datetime
+    flow_run_id: str
+
+
+def seed_api(
+    settings: Settings, deployment_id: Any, start: int, stop: int, threads: int
+) -> list[Seeded]:
+    """Record jobs ``start..stop-1`` through Prefect's API, as ``submit_queued`` does (a
+    deployment run with the job as parameter, its tags, the job id as idempotency key); then
+    force the Completed (with the job's outputs artifact, as the flow creates it) and Failed
+    ones. ~10 jobs/s on this machine."""
     from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import ArtifactCreate
     from prefect.states import Completed, Failed
 
     errors: list[BaseException] = []
+    seeded: list[Seeded] = []
 
     def work(indices: range) -> None:
         try:
@@ -222,10 +266,23 @@ def seed(settings: Settings, deployment_id: Any, start: int, stop: int, threads:
                         deployment_id,
                         parameters={"job": job.model_dump(mode="json")},
                         tags=job.tags(),
+                        idempotency_key=job.job_id,
                     )
-                    if i % 10 in (0, 1, 2):
+                    assert run.expected_start_time is not None
+                    seeded.append(Seeded(i, job.job_id, run.expected_start_time, str(run.id)))
+                    status = seed_status(i)
+                    if status == "completed":
                         client.set_flow_run_state(run.id, Completed(), force=True)
-                    elif i % 10 == 4:
+                        client.create_artifact(
+                            ArtifactCreate(
+                                key=outputs_artifact_key(job.job_id),
+                                type="table",
+                                data=seed_outputs(job),
+                                description=f"Images of job {job.job_id} (final: 1)",
+                                flow_run_id=run.id,
+                            )
+                        )
+                    elif status == "failed":
                         client.set_flow_run_state(run.id, Failed(message="bench"), force=True)
         except BaseException as exc:
             errors.append(exc)
@@ -240,10 +297,269 @@ def seed(settings: Settings, deployment_id: Any, start: int, stop: int, threads:
         thread.join()
     if errors:
         raise errors[0]
+    return sorted(seeded, key=lambda s: s.index)
+
+
+class BulkSeeder:
+    """Bulk inserts into the server's own database through Prefect's server ORM layer.
+
+    Prefect's API creates ~10 runs/s here, so 100k jobs would take hours. This writes the
+    same rows directly: the first ``TEMPLATE_JOBS`` jobs are recorded through the API
+    (:func:`seed_api`) and, once the Scheduled ones have been marked Late by the server, their
+    rows (``flow_run``, every ``flow_run_state`` row, ``artifact`` and ``artifact_collection``)
+    are read back through ``prefect.server.database`` and copied for each further job of the
+    same kind, changing only what differs between two jobs: ids, name, the job parameter and
+    tags, the idempotency key, the outputs artifact's key/data, and every timestamp (shifted
+    together). Rows go in through the same SQLAlchemy tables and column types Prefect uses, in
+    the order Prefect writes them (run, states, then the run's ``state_id``). Events are not
+    written (history does not read them). :meth:`check_shape` compares a copy with its
+    template field by field through the API.
+
+    Bulk jobs are older than the template jobs: job ``i`` is expected to start at
+    ``oldest + i * SPACING``, ``oldest`` chosen so that the last job of ``n_max`` still comes
+    before the templates; within the bulk jobs, a larger index is newer.
+    """
+
+    TEMPLATE_JOBS = 10  # one of each kind: i % 10 decides run mode, source and status
+    SPACING = timedelta(milliseconds=500)
+    BATCH = 2000
+
+    def __init__(self, settings: Settings, deployment_id: Any, n_max: int) -> None:
+        self.settings = settings
+        self.deployment_id = deployment_id
+        self.n_max = n_max
+        self.url = LocalServer(settings).env()["PREFECT_SERVER_DATABASE_CONNECTION_URL"]
+        self.templates: dict[int, dict[str, Any]] = {}  # i % 10 -> rows of that template job
+        self.template_seeded: list[Seeded] = []
+        self.oldest: datetime | None = None
+
+    def _db(self) -> Any:
+        from prefect.server.database.configurations import (
+            AioSqliteConfiguration,
+            AsyncPostgresConfiguration,
+        )
+        from prefect.server.database.interface import PrefectDBInterface
+        from prefect.server.database.orm_models import (
+            AioSqliteORMConfiguration,
+            AsyncPostgresORMConfiguration,
+        )
+        from prefect.server.database.query_components import (
+            AioSqliteQueryComponents,
+            AsyncPostgresQueryComponents,
+        )
+
+        if self.url.startswith("sqlite"):
+            return PrefectDBInterface(
+                database_config=AioSqliteConfiguration(connection_url=self.url),
+                query_components=AioSqliteQueryComponents(),
+                orm=AioSqliteORMConfiguration(),
+            )
+        return PrefectDBInterface(
+            database_config=AsyncPostgresConfiguration(connection_url=self.url),
+            query_components=AsyncPostgresQueryComponents(),
+            orm=AsyncPostgresORMConfiguration(),
+        )
+
+    def seed_templates(self) -> list[Seeded]:
+        """Record the template jobs through the API; wait until the server marks the
+        Scheduled ones Late (so copies are not re-marked one by one); read their rows."""
+        from prefect.client.orchestration import get_client
+        from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+        seeded = seed_api(self.settings, self.deployment_id, 0, self.TEMPLATE_JOBS, 1)
+        ids = [uuid.UUID(s.flow_run_id) for s in seeded]
+        queued = [s for s in seeded if seed_status(s.index) == "queued"]
+
+        def all_late() -> bool:
+            with prefect_settings(self.settings), get_client(sync_client=True) as client:
+                runs = client.read_flow_runs(
+                    flow_run_filter=FlowRunFilter(
+                        id=FlowRunFilterId(any_=[uuid.UUID(s.flow_run_id) for s in queued])
+                    )
+                )
+            return len(runs) == len(queued) and all(r.state_name == "Late" for r in runs)
+
+        log("template jobs recorded through the API; waiting for the server to mark them Late")
+        wait_for(all_late, timeout=120, poll=1.0)
+        rows = asyncio.run(self._read_templates(ids))
+        for s in seeded:
+            template = rows[uuid.UUID(s.flow_run_id)]
+            template["job_created_at"] = Job.model_validate(
+                template["run"]["parameters"]["job"]
+            ).created_at
+            self.templates[s.index % 10] = template
+        self.template_seeded = seeded
+        first = min(s.expected_start for s in seeded)
+        self.oldest = first - self.SPACING * (self.n_max + 1)
+        return seeded
+
+    async def _read_templates(self, ids: list[uuid.UUID]) -> dict[uuid.UUID, dict[str, Any]]:
+        import sqlalchemy as sa
+
+        db = self._db()
+        runs, states, artifacts, collections = (
+            db.FlowRun.__table__,
+            db.FlowRunState.__table__,
+            db.Artifact.__table__,
+            db.ArtifactCollection.__table__,
+        )
+        out: dict[uuid.UUID, dict[str, Any]] = {}
+        try:
+            async with db.session_context() as session:
+                for row in (
+                    await session.execute(sa.select(runs).where(runs.c.id.in_(ids)))
+                ).mappings():
+                    out[row["id"]] = {
+                        "run": dict(row),
+                        "states": [],
+                        "artifacts": [],
+                        "collections": [],
+                    }
+                for table, key in (
+                    (states, "states"),
+                    (artifacts, "artifacts"),
+                    (collections, "collections"),
+                ):
+                    query = sa.select(table).where(table.c.flow_run_id.in_(ids))
+                    if table is states:
+                        query = query.order_by(table.c.timestamp)
+                    for row in (await session.execute(query)).mappings():
+                        out[row["flow_run_id"]][key].append(dict(row))
+        finally:
+            await (await db.engine()).dispose()
+        return out
+
+    def seed(self, start: int, stop: int) -> list[Seeded]:
+        """Record jobs ``start..stop-1`` (all >= TEMPLATE_JOBS) by copying template rows."""
+        assert start >= self.TEMPLATE_JOBS and self.oldest is not None
+        seeded: list[Seeded] = []
+        for lo in range(start, stop, self.BATCH * 5):
+            batch = [self._copy(i) for i in range(lo, min(stop, lo + self.BATCH * 5))]
+            asyncio.run(self._insert(batch))
+            seeded += [rows["seeded"] for rows in batch]
+        return seeded
+
+    def _copy(self, i: int) -> dict[str, Any]:
+        from prefect._internal.uuid7 import uuid7
+        from prefect.utilities.names import generate_slug
+
+        assert self.oldest is not None
+        template = self.templates[i % 10]
+        t_run = template["run"]
+        delta = self.oldest + self.SPACING * i - t_run["expected_start_time"]
+        job = seed_job(i, created_at=template["job_created_at"] + delta)
+        run_id = uuid.uuid4()
+
+        def shifted(row: dict[str, Any], *names: str) -> dict[str, Any]:
+            copy = dict(row)
+            for name in names:
+                if copy.get(name) is not None:
+                    copy[name] = copy[name] + delta
+            return copy
+
+        run = shifted(
+            t_run, "created", "updated", "expected_start_time", "next_scheduled_start_time",
+            "start_time", "end_time", "state_timestamp",
+        )  # fmt: skip
+        run.update(
+            id=run_id,
+            name=generate_slug(2),
+            parameters={"job": job.model_dump(mode="json")},
+            tags=job.tags(),
+            idempotency_key=job.job_id,
+            state_id=None,  # set after the states exist, as Prefect does
+        )
+        states = []
+        for t_state in template["states"]:
+            state = shifted(t_state, "created", "updated", "timestamp")
+            state["id"] = uuid7(ms=int(state["timestamp"].timestamp() * 1000))
+            state["flow_run_id"] = run_id
+            details = t_state["state_details"]
+            state["state_details"] = details.model_copy(
+                update={
+                    "flow_run_id": run_id,
+                    "scheduled_time": details.scheduled_time + delta
+                    if details.scheduled_time is not None
+                    else None,
+                    "transition_id": uuid.uuid4() if details.transition_id else None,
+                }
+            )
+            states.append(state)
+        artifacts, collections = [], []
+        for t_artifact, t_collection in zip(
+            template["artifacts"], template["collections"], strict=True
+        ):
+            artifact = shifted(t_artifact, "created", "updated")
+            artifact.update(
+                id=uuid.uuid4(),
+                key=outputs_artifact_key(job.job_id),
+                data=seed_outputs(job),
+                description=f"Images of job {job.job_id} (final: 1)",
+                flow_run_id=run_id,
+            )
+            collection = shifted(t_collection, "created", "updated")
+            collection.update(
+                id=uuid.uuid4(),
+                key=artifact["key"],
+                latest_id=artifact["id"],
+                data=artifact["data"],
+                description=artifact["description"],
+                flow_run_id=run_id,
+            )
+            artifacts.append(artifact)
+            collections.append(collection)
+        return {
+            "run": run,
+            "states": states,
+            "artifacts": artifacts,
+            "collections": collections,
+            "seeded": Seeded(i, job.job_id, run["expected_start_time"], str(run_id)),
+        }
+
+    async def _insert(self, batch: list[dict[str, Any]]) -> None:
+        import sqlalchemy as sa
+
+        db = self._db()
+        runs, states, artifacts, collections = (
+            db.FlowRun.__table__,
+            db.FlowRunState.__table__,
+            db.Artifact.__table__,
+            db.ArtifactCollection.__table__,
+        )
+        try:
+            for lo in range(0, len(batch), self.BATCH):
+                part = batch[lo : lo + self.BATCH]
+                async with db.session_context(begin_transaction=True) as session:
+                    await session.execute(sa.insert(runs), [b["run"] for b in part])
+                    await session.execute(sa.insert(states), [s for b in part for s in b["states"]])
+                    artifact_rows = [a for b in part for a in b["artifacts"]]
+                    if artifact_rows:
+                        await session.execute(sa.insert(artifacts), artifact_rows)
+                        await session.execute(
+                            sa.insert(collections), [c for b in part for c in b["collections"]]
+                        )
+                    await session.execute(
+                        sa.update(runs)
+                        .where(runs.c.id == sa.bindparam("run_id"))
+                        .values(
+                            state_id=sa.bindparam("last_state_id"),
+                            updated=sa.bindparam("run_updated"),  # the template's, shifted
+                        ),
+                        [
+                            {
+                                "run_id": b["run"]["id"],
+                                "last_state_id": b["states"][-1]["id"],
+                                "run_updated": b["run"]["updated"],
+                            }
+                            for b in part
+                        ],
+                    )
+        finally:
+            await (await db.engine()).dispose()
 
 
 def raw_page(settings: Settings) -> list[Any]:
-    """Prefect's own call under list(run_mode='queue'): no artifacts read, no records built."""
+    """Prefect's own client call for list(run_mode='queue'): full FlowRun objects, no records."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterTags
     from prefect.client.schemas.sorting import FlowRunSort
@@ -257,6 +573,158 @@ def raw_page(settings: Settings) -> list[Any]:
                 limit=50,
             )
         )
+
+
+def raw_http(settings: Settings) -> int:
+    """The same request as :func:`raw_page` over plain httpx, body not parsed: the server's
+    time plus transfer. Returns the body size in bytes."""
+    import httpx
+
+    body = {
+        "flow_runs": {"tags": {"all_": filter_tags(run_mode="queue")}},
+        "sort": "EXPECTED_START_TIME_DESC",
+        "limit": 50,
+    }
+    response = httpx.post(f"{settings.local_api_url}/flow_runs/filter", json=body, timeout=30)
+    response.raise_for_status()
+    return len(response.content)
+
+
+# -- checking what was seeded ------------------------------------------------------------------
+
+
+class SeedCheckError(RuntimeError):
+    """History does not read back what the benchmark recorded."""
+
+
+def _expected(seeded: list[Seeded], **filters: str) -> list[Seeded]:
+    """The recorded jobs matching ``filters``, newest first (as history orders them)."""
+    out = []
+    for s in seeded:
+        attrs = seed_attrs(s.index)
+        if "run_mode" in filters and attrs["run_mode"] != filters["run_mode"]:
+            continue
+        if "status" in filters and seed_status(s.index) != filters["status"]:
+            continue
+        if "prompt_pack_id" in filters and attrs["prompt_pack_id"] != filters["prompt_pack_id"]:
+            continue
+        out.append(s)
+    return sorted(out, key=lambda s: s.expected_start, reverse=True)
+
+
+def check_record(record: JobRecord, s: Seeded) -> None:
+    """``record`` is job ``s`` as recorded: every field the benchmark knows."""
+    attrs = seed_attrs(s.index)
+    status = seed_status(s.index)
+    expected_outputs = (
+        [f"/bench/outputs/{record.created_at:%Y-%m-%d}/{s.job_id}/txt2img_0.png"]
+        if status == "completed" and record.created_at is not None
+        else []
+    )
+    problems = [
+        f"{name}: {got!r} != {want!r}"
+        for name, got, want in (
+            ("job_id", record.job_id, s.job_id),
+            ("flow_run_id", record.flow_run_id, s.flow_run_id),
+            ("run_mode", record.run_mode, attrs["run_mode"]),
+            ("source", record.source, attrs["source"]),
+            ("prompt_source", record.prompt_source, attrs["prompt_source"]),
+            ("prompt_pack_id", record.prompt_pack_id, attrs["prompt_pack_id"]),
+            ("status", record.status, status),
+            ("state_name", record.state_name in STATE_NAMES[status], True),
+            ("error", record.error, "bench" if status == "failed" else None),
+            ("config_snapshot", record.config_snapshot, SEED_SNAPSHOT),
+            ("outputs", record.outputs, expected_outputs),
+            ("created_at set", record.created_at is not None, True),
+        )
+        if got != want
+    ]
+    if problems:
+        raise SeedCheckError(f"job {s.index} ({s.job_id}) reads back wrong: {problems}")
+
+
+def verify_history(history: JobHistoryStore, seeded: list[Seeded], size: int) -> None:
+    """Fail loudly unless history reads back exactly what was recorded: counts per filter,
+    newest-first pages with every record's fields, paging across Prefect's 200-run page, get."""
+    if len(seeded) != size:
+        raise SeedCheckError(f"seeded {len(seeded)} jobs, expected {size}")
+    by_index = {s.index: s for s in seeded}
+    count_checks: list[dict[str, str]] = [
+        {},
+        {"run_mode": "queue"},
+        {"status": "failed"},
+        {"status": "completed"},
+        {"status": "queued"},
+        {"prompt_pack_id": "pack-3"},
+    ]
+    for filters in count_checks:
+        got = history.count(**filters)  # type: ignore[arg-type]
+        want = len(_expected(seeded, **filters))
+        if got != want:
+            raise SeedCheckError(f"count({filters}) = {got}, expected {want} (of {size})")
+    for filters in count_checks:
+        want_ids = [s.job_id for s in _expected(seeded, **filters)[:50]]
+        records = history.list(**filters, limit=50)  # type: ignore[arg-type]
+        if [r.job_id for r in records] != want_ids:
+            raise SeedCheckError(f"list({filters}, limit=50) is not the newest 50 in order")
+        for record in records:
+            check_record(record, next(s for s in seeded if s.job_id == record.job_id))
+    direct = _expected(seeded, run_mode="direct")
+    window = history.list(run_mode="direct", limit=260, offset=min(150, len(direct)))
+    if [r.job_id for r in window] != [s.job_id for s in direct[150:410]]:
+        raise SeedCheckError("list(run_mode='direct', limit=260, offset=150) pages wrongly")
+    rng = random.Random(size)
+    for index in [*range(min(size, BulkSeeder.TEMPLATE_JOBS)), *rng.sample(range(size), 10)]:
+        s = by_index[index]
+        check_record(history.get(s.job_id), s)
+    log(f"history reads back all {size} jobs as recorded (counts, pages, records, get)")
+
+
+def check_shape(settings: Settings, seeder: BulkSeeder, copies: list[Seeded]) -> None:
+    """A bulk copy of each template reads through Prefect's API like the run Prefect wrote:
+    same fields (except those that differ between any two jobs), same state history."""
+    from prefect.client.orchestration import get_client
+
+    varying = {
+        "id", "name", "parameters", "tags", "idempotency_key", "created", "updated",
+        "expected_start_time", "next_scheduled_start_time", "start_time", "end_time",
+        "state_id", "state", "estimated_start_time_delta", "estimated_run_time",
+    }  # fmt: skip
+    with prefect_settings(settings), get_client(sync_client=True) as client:
+        for template in seeder.template_seeded:
+            copy = next((c for c in copies if c.index % 10 == template.index % 10), None)
+            if copy is None:
+                continue
+            want = client.read_flow_run(uuid.UUID(template.flow_run_id))
+            got = client.read_flow_run(uuid.UUID(copy.flow_run_id))
+            a, b = want.model_dump(exclude=varying), got.model_dump(exclude=varying)
+            diff = {k: (a[k], b.get(k)) for k in a if a[k] != b.get(k)}
+            want_states = [
+                (st.type, st.name, st.message)
+                for st in client.read_flow_run_states(uuid.UUID(template.flow_run_id))
+            ]
+            got_states = [
+                (st.type, st.name, st.message)
+                for st in client.read_flow_run_states(uuid.UUID(copy.flow_run_id))
+            ]
+            assert want.state is not None and got.state is not None
+            if (
+                diff
+                or want_states != got_states
+                or (want.state.type, want.state.name) != (got.state.type, got.state.name)
+                or set(want.parameters) != set(got.parameters)
+                or set(want.parameters["job"]) != set(got.parameters["job"])
+                or sorted(t.split(":")[0] for t in want.tags)
+                != sorted(t.split(":")[0] for t in got.tags)
+            ):
+                raise SeedCheckError(
+                    f"bulk copy of template {template.index} differs from Prefect's row: "
+                    f"{diff} states {want_states} vs {got_states}"
+                )
+    log("bulk rows read through Prefect's API like the rows Prefect wrote")
+
+
+# -- the history benchmark ---------------------------------------------------------------------
 
 
 def timed(call: Callable[[], Any], calls: int) -> tuple[list[float], Any]:
@@ -274,7 +742,13 @@ def p90(values: list[float]) -> float:
     return statistics.quantiles(values, n=10, method="inclusive")[8]
 
 
-def history_bench(backend: str, sizes: list[int], calls: int, threads: int) -> list[dict[str, Any]]:
+def load_average() -> str:
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def history_bench(
+    backend: str, sizes: list[int], calls: int, threads: int, seeding: str
+) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     with ExitStack() as stack:
         database = (
@@ -283,27 +757,40 @@ def history_bench(backend: str, sizes: list[int], calls: int, threads: int) -> l
         settings = stack.enter_context(prefect_server(backend, PORTS[backend], database))
         deployment = JobService(settings, start_server=False).deploy()
         history = JobHistoryStore(settings)
-        recorded = 0
+        seeder = BulkSeeder(settings, deployment.deployment_id, max(sizes))
+        seeded: list[Seeded] = []
         seed_total = 0.0
         for size in sizes:
             started = time.monotonic()
-            seed(settings, deployment.deployment_id, recorded, size, threads)
-            seeded = time.monotonic() - started
-            seed_total += seeded
-            log(f"{backend}: {size - recorded} jobs recorded in {seeded:.1f} s (now {size})")
-            recorded = size
-            total = history.count()
-            if total != size:
-                raise RuntimeError(
-                    f"{backend}: expected {size} jobs in history, count() says {total}"
-                )
+            recorded = len(seeded)
+            if seeding == "api":
+                seeded += seed_api(settings, deployment.deployment_id, recorded, size, threads)
+            else:
+                if not seeded:
+                    seeded += seeder.seed_templates()
+                copies = seeder.seed(len(seeded), size)
+                if recorded == 0:
+                    check_shape(settings, seeder, copies)
+                seeded += copies
+            seconds = time.monotonic() - started
+            seed_total += seconds
+            log(f"{backend}: {size - recorded} jobs recorded in {seconds:.1f} s (now {size})")
+            verify_history(history, seeded, size)
             queries: list[tuple[str, Callable[[], Any]]] = [
                 ("list(run_mode='queue', limit=50)", lambda: history.list(run_mode="queue")),
                 ("list(status='failed', limit=50)", lambda: history.list(status="failed")),
+                (
+                    "list(prompt_pack_id='pack-3', limit=50) [1.4% of jobs]",
+                    lambda: history.list(prompt_pack_id="pack-3"),
+                ),
+                ("count()", lambda: history.count()),
                 ("count(run_mode='queue')", lambda: history.count(run_mode="queue")),
-                ("raw read_flow_runs, same filter as row 1", lambda: raw_page(settings)),
+                ("count(status='failed')", lambda: history.count(status="failed")),
+                ("Prefect read_flow_runs, filter of row 1", lambda: raw_page(settings)),
+                ("bare HTTP POST, filter of row 1 (bytes)", lambda: raw_http(settings)),
             ]
             for label, query in queries:
+                load = load_average()
                 times, result = timed(query, calls)
                 got = len(result) if isinstance(result, list) else result
                 rows.append(
@@ -315,14 +802,15 @@ def history_bench(backend: str, sizes: list[int], calls: int, threads: int) -> l
                         "p90_ms": p90(times),
                         "calls": calls,
                         "result": got,
-                        "seed_s": seeded,
+                        "load": load,
+                        "seed_s": seconds,
                         "seeded_jobs": size,
                         "seed_total_s": seed_total,
                     }
                 )
                 log(
                     f"{backend} {size}: {label} median {statistics.median(times):.0f} ms, "
-                    f"p90 {p90(times):.0f} ms -> {got}"
+                    f"p90 {p90(times):.0f} ms -> {got} (load {load})"
                 )
     return rows
 
@@ -423,7 +911,8 @@ def throughput_bench(n_jobs: int, steps: int, step_seconds: float) -> list[dict[
 
 def history_table(rows: list[dict[str, Any]]) -> Table:
     table = Table(title="History query latency (JobHistoryStore, HTTP to a local Prefect server)")
-    for column in ("backend", "jobs", "query", "median ms", "p90 ms", "calls", "result"):
+    columns = ("backend", "jobs", "query", "median ms", "p90 ms", "calls", "result", "load avg")
+    for column in columns:
         table.add_column(column, justify="left" if column in ("backend", "query") else "right")
     for r in rows:
         table.add_row(
@@ -434,12 +923,13 @@ def history_table(rows: list[dict[str, Any]]) -> Table:
             f"{r['p90_ms']:.0f}",
             str(r["calls"]),
             str(r["result"]),
+            r["load"],
         )
     return table
 
 
 def seeding_table(rows: list[dict[str, Any]]) -> Table:
-    table = Table(title="Seeding (create_flow_run_from_deployment + forced states for 40%)")
+    table = Table(title="Seeding (time per step; see --seeding)")
     for column in ("backend", "up to jobs", "seconds for this step", "jobs/s"):
         table.add_column(column, justify="left" if column == "backend" else "right")
     seen = set()
@@ -507,7 +997,16 @@ def main() -> int:
     parser.add_argument("--jobs", type=int, default=40, help="queued jobs per throughput run")
     parser.add_argument("--only", default="history,throughput")
     parser.add_argument("--calls", type=int, default=20, help="timed calls per query (>= 20)")
-    parser.add_argument("--pg-threads", type=int, default=4, help="seeding threads on PostgreSQL")
+    parser.add_argument(
+        "--seeding",
+        choices=("bulk", "api"),
+        default="bulk",
+        help="bulk: copies of API-made rows through Prefect's server ORM (fast); "
+        "api: every job through Prefect's API (~10 jobs/s)",
+    )
+    parser.add_argument(
+        "--pg-threads", type=int, default=4, help="API seeding threads on PostgreSQL"
+    )
     parser.add_argument("--steps", type=int, default=10, help="sampling steps per queued job")
     parser.add_argument("--step-seconds", type=float, default=0.05)
     parser.add_argument("--markdown", type=Path, help="also write the tables as Markdown")
@@ -528,7 +1027,7 @@ def main() -> int:
             rows: list[dict[str, Any]] = []
             for backend in backends:
                 threads = args.pg_threads if backend == "postgresql" else 1
-                rows += history_bench(backend, sizes, args.calls, threads)
+                rows += history_bench(backend, sizes, args.calls, threads, args.seeding)
             tables += [history_table(rows), seeding_table(rows)]
         if "throughput" in only:
             tables.append(
