@@ -17,7 +17,9 @@ from uuid import UUID
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.objects import FlowRun, StateType
 
+from stablenew_core.prefect_env import prefect_settings
 from stablenew_core.runtime import RunControl
+from stablenew_core.settings import Settings
 
 logger = logging.getLogger("stablenew_core.cancel")
 
@@ -27,14 +29,15 @@ POLL_SECONDS = 1.0
 class CancelWatcher:
     """Sets ``control.cancel_requested`` once the flow run is Cancelling or Cancelled."""
 
-    def __init__(self, flow_run_id: UUID | None, control: RunControl) -> None:
+    def __init__(self, flow_run_id: UUID | None, control: RunControl, settings: Settings) -> None:
         self.flow_run_id = flow_run_id
         self.control = control
+        self.settings = settings
         self._done = threading.Event()
-        # The thread must see the caller's Prefect settings (API URL), not the process defaults.
-        context = contextvars.copy_context()
+        # A context of its own: the thread opens its own client for the job's settings instead
+        # of sharing the run's client (and its open/close count) across threads.
         self._thread = threading.Thread(
-            target=context.run, args=(self._loop,), daemon=True, name="cancel-watcher"
+            target=contextvars.Context().run, args=(self._loop,), daemon=True, name="cancel-watcher"
         )
 
     def __enter__(self) -> CancelWatcher:
@@ -53,7 +56,7 @@ class CancelWatcher:
     def _loop(self) -> None:
         if self._done.wait(POLL_SECONDS):
             return
-        with get_client(sync_client=True) as client:
+        with prefect_settings(self.settings), get_client(sync_client=True) as client:
             while True:
                 try:
                     run: FlowRun = client.read_flow_run(self.flow_run_id)  # type: ignore[arg-type]

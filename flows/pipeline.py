@@ -58,7 +58,12 @@ def _retry_transient(task: Any, task_run: Any, state: State) -> bool:
 
 
 class _Progress:
-    """A progress artifact for the job, created on the first report, updated at most 1/s."""
+    """The job's progress artifact: created on the first report made while the job still runs,
+    then updated at most once a second and at each stage's end.
+
+    A job that ends before its first progress poll gets none (a bar that only ever shows 100%
+    would cost an API call per job for nothing).
+    """
 
     def __init__(self, job: Job) -> None:
         self.job = job
@@ -75,6 +80,8 @@ class _Progress:
         self.last = now
         description = f"{stage} {text}".strip()
         if self.artifact_id is None:
+            if percent >= 100.0:
+                return
             self.artifact_id = create_progress_artifact(
                 progress=percent,
                 key=progress_artifact_key(self.job.job_id),
@@ -82,6 +89,11 @@ class _Progress:
             )
         else:
             update_progress_artifact(self.artifact_id, progress=percent, description=description)
+
+
+_job_progress: contextvars.ContextVar[_Progress | None] = contextvars.ContextVar(
+    "stablenew_job_progress", default=None
+)
 
 
 @task(
@@ -95,7 +107,7 @@ def stage_task(job: Job, stage: StageName, previous: StageResult | None) -> Stag
     """Run one stage of the job against the WebUI."""
     runtime = current_runtime()
     control = current_control()
-    artifact = _Progress(job)
+    artifact = _job_progress.get() or _Progress(job)
     # Progress arrives on the stage's polling thread: report it in this task's context, so the
     # progress artifact belongs to this run.
     context = contextvars.copy_context()
@@ -135,11 +147,12 @@ def job_task(job: Job) -> JobResult | State:
         retry_delay_seconds=settings.retry_backoff_seconds,
     )
     results: list[StageResult] = []
+    progress_token = _job_progress.set(_Progress(job))
     flow_context = FlowRunContext.get()
     flow_run_id = flow_context.flow_run.id if flow_context and flow_context.flow_run else None
     try:
         with (
-            CancelWatcher(flow_run_id, control),
+            CancelWatcher(flow_run_id, control, settings),
             slot.hold(f"job {job.job_id}", on_wait=waiting, should_stop=control.should_stop),
             # Each finished stage's result is committed at once (not when the job ends), so a
             # job resumed after a crash finds the stages it had finished.
@@ -156,6 +169,8 @@ def job_task(job: Job) -> JobResult | State:
                 results.append(previous)
     except JobCancelledError as exc:
         return Cancelled(message=f"cancelled: {exc}")
+    finally:
+        _job_progress.reset(progress_token)
     manifest = write_manifest(job, results, job_output_dir(settings.outputs, job))
     final = results[-1]
     outputs = [image.path for image in final.images]

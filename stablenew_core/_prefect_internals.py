@@ -17,6 +17,21 @@ What we change, and why:
   cure: ``BEGIN IMMEDIATE``, which takes the write lock up front and so waits on busy_timeout
   instead of failing. We open every write transaction that way; reads outside transactions are
   unchanged, and task runs are still recorded.
+* Client side, ``prefect.flow_engine.observe_flow_run_suspension``: for every deployment run the
+  engine starts a thread with its own event loop and a websocket subscription that waits for
+  the run to be marked Suspended from elsewhere, blocks the run's start until it is subscribed
+  and joins it at exit (it sleeps in 0.2 s steps): ~0.2 s of dead time between queued jobs,
+  measured. The pipeline never suspends itself and neither Prefect's UI nor its CLI suspends a
+  running run, so the queue worker runs its flow runs without that observer
+  (:func:`without_suspension_observer`); every other flow run in the process keeps it.
+* Client side, ``prefect.task_engine._concurrency``: every tagged task run asks the API for
+  slots of the ``tag:<tag>`` concurrency limits, through a service (a thread, an event loop and
+  a client) keyed by the run's exact tag set; a job's tags include ``job:<id>``, so each job
+  starts a new service (~50 ms) even when no tag limit exists at all. We read which ``tag:``
+  limits exist (at most every :data:`TAG_LIMITS_TTL_SECONDS`, per API) and skip the
+  acquisition only for task runs none of whose tags has a limit; when limits exist, or cannot
+  be read, Prefect's own acquisition runs unchanged. A tag limit created while jobs run applies
+  within that many seconds.
 
 :func:`check_internals` verifies that the names we touch still exist with the shape we expect;
 the test suite calls it, so an upgrade that moves them fails loudly instead of silently slowing
@@ -27,11 +42,15 @@ from __future__ import annotations
 
 import inspect
 import threading
+import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
+from contextvars import ContextVar
 from typing import Any
 
 PINNED_PREFECT_VERSION = "3.9.1"
+TAG_LIMITS_TTL_SECONDS = 5.0
+TAG_LIMITS_PAGE = 200
 
 _lock = threading.Lock()
 _installed = False
@@ -66,8 +85,53 @@ def check_internals() -> None:
         source = inspect.getsource(flow_engine.FlowRunEngine.run_context)
         if "_send_heartbeats(self)" not in source:
             problems.append("FlowRunEngine.run_context no longer calls _send_heartbeats(self)")
+    problems.extend(_suspension_observer_problems())
+    problems.extend(_tag_concurrency_problems())
     if problems:
         raise PrefectInternalsChanged("; ".join(problems))
+
+
+def _original(value: Any) -> Any:
+    return getattr(value, "__wrapped_original__", value)
+
+
+def _suspension_observer_problems() -> list[str]:
+    import prefect.flow_engine as flow_engine
+
+    observer = _original(getattr(flow_engine, "observe_flow_run_suspension", None))
+    if observer is None:
+        return ["prefect.flow_engine.observe_flow_run_suspension is gone"]
+    parameters = list(inspect.signature(observer).parameters)
+    if parameters[:2] != ["flow_run_id", "suspension_request"]:
+        return [
+            f"observe_flow_run_suspension takes {parameters}, "
+            "expected ['flow_run_id', 'suspension_request', ...]"
+        ]
+    setup = getattr(flow_engine.BaseFlowRunEngine, "setup_flow_run_suspension_request", None)
+    if setup is None or "observe_flow_run_suspension(" not in inspect.getsource(setup):
+        return [
+            "BaseFlowRunEngine.setup_flow_run_suspension_request no longer calls "
+            "observe_flow_run_suspension"
+        ]
+    return []
+
+
+def _tag_concurrency_problems() -> list[str]:
+    import prefect.task_engine as task_engine
+    from prefect.concurrency import _sync
+
+    acquire = _original(getattr(task_engine, "_concurrency", None))
+    if acquire is not _sync.concurrency:
+        return [
+            "prefect.task_engine._concurrency is no longer prefect.concurrency._sync.concurrency"
+        ]
+    parameters = list(inspect.signature(acquire).parameters)
+    if parameters[:2] != ["names", "occupy"]:
+        return [f"prefect.concurrency._sync.concurrency takes {parameters}, expected names, occupy"]
+    source = inspect.getsource(task_engine.SyncTaskRunEngine.start)
+    if 'names=[f"tag:{tag}" for tag in self.task_run.tags]' not in source:
+        return ["SyncTaskRunEngine.start no longer acquires 'tag:<tag>' concurrency slots"]
+    return []
 
 
 def check_server_internals() -> None:
@@ -148,8 +212,66 @@ def check_service_internals() -> None:
         )
 
 
+_skip_suspension_observer: ContextVar[bool] = ContextVar(
+    "stablenew_skip_suspension_observer", default=False
+)
+
+
+@contextmanager
+def without_suspension_observer() -> Iterator[None]:
+    """Flow runs started inside the block run without Prefect's suspension observer."""
+    token = _skip_suspension_observer.set(True)
+    try:
+        yield
+    finally:
+        _skip_suspension_observer.reset(token)
+
+
+class _TagLimits:
+    """Which ``tag:`` concurrency limits exist on each API, re-read at most every TTL."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._known: dict[str, tuple[float, frozenset[str] | None]] = {}
+
+    def may_apply(self, names: list[str]) -> bool:
+        from prefect.settings import PREFECT_API_URL
+
+        api = str(PREFECT_API_URL.value() or "")
+        now = time.monotonic()
+        with self._lock:
+            known = self._known.get(api)
+        if known is None or now - known[0] > TAG_LIMITS_TTL_SECONDS:
+            known = (now, self._read())
+            with self._lock:
+                self._known[api] = known
+        defined = known[1]
+        return defined is None or any(name in defined for name in names)
+
+    def forget(self) -> None:
+        with self._lock:
+            self._known.clear()
+
+    @staticmethod
+    def _read() -> frozenset[str] | None:
+        """The names of the ``tag:`` limits, or None when unknown (then Prefect checks)."""
+        from prefect.client.orchestration import get_client
+
+        try:
+            with get_client(sync_client=True) as client:
+                limits = client.read_global_concurrency_limits(limit=TAG_LIMITS_PAGE)
+        except Exception:
+            return None
+        if len(limits) >= TAG_LIMITS_PAGE:
+            return None
+        return frozenset(limit.name for limit in limits if limit.name.startswith("tag:"))
+
+
+tag_limits = _TagLimits()
+
+
 def install() -> None:
-    """Apply the adjustments once per process (idempotent, thread-safe)."""
+    """Apply the client-side adjustments once per process (idempotent, thread-safe)."""
     global _installed
     with _lock:
         if _installed:
@@ -157,16 +279,41 @@ def install() -> None:
         check_internals()
         check_service_internals()
         import prefect.flow_engine as flow_engine
+        import prefect.task_engine as task_engine
 
-        original: Callable[..., Any] = flow_engine._send_heartbeats
+        send_heartbeats: Callable[..., Any] = flow_engine._send_heartbeats
 
         @contextmanager
         def send_heartbeats_without_join(engine: Any, join_on_exit: bool = True) -> Iterator[None]:
-            with original(engine, join_on_exit=False):
+            with send_heartbeats(engine, join_on_exit=False):
                 yield
 
-        send_heartbeats_without_join.__wrapped_original__ = original  # type: ignore[attr-defined]
+        observe: Callable[..., Any] = flow_engine.observe_flow_run_suspension
+
+        @contextmanager
+        def observe_unless_skipped(*args: Any, **kwargs: Any) -> Iterator[None]:
+            if _skip_suspension_observer.get():
+                yield
+                return
+            with observe(*args, **kwargs):
+                yield
+
+        acquire: Callable[..., Any] = task_engine._concurrency
+
+        @contextmanager
+        def tag_concurrency(names: Any, *args: Any, **kwargs: Any) -> Iterator[None]:
+            if names and not tag_limits.may_apply(list(names)):
+                yield
+                return
+            with acquire(names, *args, **kwargs):
+                yield
+
+        send_heartbeats_without_join.__wrapped_original__ = send_heartbeats  # type: ignore[attr-defined]
+        observe_unless_skipped.__wrapped_original__ = observe  # type: ignore[attr-defined]
+        tag_concurrency.__wrapped_original__ = acquire  # type: ignore[attr-defined]
         flow_engine._send_heartbeats = send_heartbeats_without_join
+        flow_engine.observe_flow_run_suspension = observe_unless_skipped
+        task_engine._concurrency = tag_concurrency
         _installed = True
 
 

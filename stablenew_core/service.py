@@ -185,13 +185,14 @@ class JobService:
                 f"(job {job.job_id}); use submit_queued or submit"
             )
         self._ensure_server()
-        existing = self.history.find(job.job_id)
-        if existing is None and job.idempotency_key:
-            existing = self.history.find(key=job.idempotency_key)
-        if existing is not None:
-            logger.info("job %s was already submitted; returning its record", job.job_id)
-            return existing
-        return self.runner.run_once(job)
+        with self.runner.prefect_client():  # the duplicate check and the run share one client
+            existing = self.history.find(job.job_id)
+            if existing is None and job.idempotency_key:
+                existing = self.history.find(key=job.idempotency_key)
+            if existing is not None:
+                logger.info("job %s was already submitted; returning its record", job.job_id)
+                return existing
+            return self.runner.run_once(job)
 
     def submit_queued(self, job: Job) -> JobRecord:
         """Create a deployment run for ``job`` on the pool; return at once (status queued).
