@@ -12,6 +12,7 @@ it for deployment runs.
 from __future__ import annotations
 
 import contextvars
+import functools
 import time
 from datetime import timedelta
 from typing import Any
@@ -98,6 +99,7 @@ _job_progress: contextvars.ContextVar[_Progress | None] = contextvars.ContextVar
 
 @task(
     name="stage",
+    task_run_name="{stage}",
     persist_result=True,
     cache_key_fn=_stage_cache_key,
     cache_expiration=timedelta(days=7),
@@ -129,7 +131,13 @@ def stage_task(job: Job, stage: StageName, previous: StageResult | None) -> Stag
     )
 
 
-@task(name="job")
+@functools.cache
+def _stage_runner(retries: int, retry_delay_seconds: float) -> Any:
+    """The stage task with the configured retries (built once: a Task costs ~1 ms to build)."""
+    return stage_task.with_options(retries=retries, retry_delay_seconds=retry_delay_seconds)
+
+
+@task(name="job", task_run_name="job-{job.job_id}")
 def job_task(job: Job) -> JobResult | State:
     """Run every planned stage of one job, holding the GPU slot; write its manifest."""
     runtime = current_runtime()
@@ -142,10 +150,7 @@ def job_task(job: Job) -> JobResult | State:
     def waiting(holder: str | None) -> None:
         logger.info("waiting for GPU (held by %s)", holder or "another job")
 
-    stage_runner = stage_task.with_options(
-        retries=settings.transient_retries,
-        retry_delay_seconds=settings.retry_backoff_seconds,
-    )
+    stage_runner = _stage_runner(settings.transient_retries, settings.retry_backoff_seconds)
     results: list[StageResult] = []
     progress_token = _job_progress.set(_Progress(job))
     flow_context = FlowRunContext.get()
@@ -165,7 +170,7 @@ def job_task(job: Job) -> JobResult | State:
             for stage in stages:
                 if control.should_stop():
                     raise JobCancelledError(f"job {job.job_id} cancelled before {stage}")
-                previous = stage_runner.with_options(task_run_name=str(stage))(job, stage, previous)
+                previous = stage_runner(job, stage, previous)
                 results.append(previous)
     except JobCancelledError as exc:
         return Cancelled(message=f"cancelled: {exc}")
@@ -191,10 +196,8 @@ def job_task(job: Job) -> JobResult | State:
 @flow(name=FLOW_NAME, flow_run_name="{job.source}-{job.job_id}", validate_parameters=True)
 def pipeline(job: Job) -> JobResult | State:
     """Generate the images of one job: txt2img, then each enabled stage."""
-    with tags(*job.tags()):
-        state = job_task.with_options(task_run_name=f"job-{job.job_id}", tags=set(job.tags()))(
-            job, return_state=True
-        )
+    with tags(*job.tags()):  # the flow run's tags, inherited by the job's task run
+        state = job_task(job, return_state=True)
     if state.is_cancelled():
         # A fresh state, so the run keeps the job's own reason (not "1/1 states cancelled").
         return Cancelled(message=state.message or "cancelled")

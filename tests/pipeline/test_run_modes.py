@@ -81,7 +81,11 @@ def test_direct_job_runs_in_process_and_is_recorded(settings: Settings, webui: A
     assert expected_tags <= set(flow_run.tags)
     job_runs = [t for t in task_runs if t.name.startswith("job-")]
     assert len(job_runs) == 1 and expected_tags <= set(job_runs[0].tags)
+    assert job_runs[0].name == f"job-{record.job_id}"
     assert job_runs[0].state.is_completed()
+    stage_runs = [t for t in task_runs if t is not job_runs[0]]
+    assert [t.name for t in stage_runs] == ["txt2img"]
+    assert all(not t.tags for t in stage_runs), "stage runs carry no tags (no slot round trip)"
 
     stored = JobHistoryStore(settings).get(record.job_id)
     assert stored.status == "completed"
