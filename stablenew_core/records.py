@@ -6,9 +6,9 @@ that a job reads the same wherever it is looked at.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from datetime import datetime
-from typing import Any
+from typing import Any, Protocol
 
 from prefect.client.schemas.objects import FlowRun, State, StateType
 from pydantic import ValidationError
@@ -41,7 +41,34 @@ def state_types_for(statuses: Iterable[str]) -> list[StateType]:
     return [state for state, status in STATUS_BY_STATE_TYPE.items() if status in wanted]
 
 
-def _state_error(state: State | None) -> str | None:
+class StateLike(Protocol):
+    """What a record reads of a run's state: Prefect's State, or a slimmer parse of it."""
+
+    @property
+    def type(self) -> StateType: ...
+    @property
+    def name(self) -> str | None: ...
+    @property
+    def message(self) -> str | None: ...
+
+
+class FlowRunLike(Protocol):
+    """What a record reads of a flow run: Prefect's FlowRun, or a slimmer parse of it
+    (the history store's, which skips the fields no record uses)."""
+
+    @property
+    def id(self) -> Any: ...
+    @property
+    def parameters(self) -> Mapping[str, Any]: ...
+    @property
+    def state(self) -> StateLike | None: ...
+    @property
+    def start_time(self) -> datetime | None: ...
+    @property
+    def end_time(self) -> datetime | None: ...
+
+
+def _state_error(state: StateLike | None) -> str | None:
     if state is None or state.type not in (StateType.FAILED, StateType.CRASHED):
         if state is not None and state.type == StateType.CANCELLED:
             return state.message or "cancelled"
@@ -49,7 +76,7 @@ def _state_error(state: State | None) -> str | None:
     return state.message or state.name
 
 
-def job_from_parameters(parameters: dict[str, Any]) -> Job | None:
+def job_from_parameters(parameters: Mapping[str, Any]) -> Job | None:
     """The job a flow run was created for, or None if its parameters are not a job."""
     raw = parameters.get("job")
     if isinstance(raw, Job):
@@ -65,7 +92,7 @@ def job_from_parameters(parameters: dict[str, Any]) -> Job | None:
 def build_record(
     job: Job,
     *,
-    state: State | None,
+    state: StateLike | None,
     flow_run_id: str | None,
     outputs: list[str],
     started_at: datetime | None = None,
@@ -93,7 +120,7 @@ def build_record(
     )
 
 
-def record_from_flow_run(flow_run: FlowRun, outputs: list[str]) -> JobRecord | None:
+def record_from_flow_run(flow_run: FlowRunLike | FlowRun, outputs: list[str]) -> JobRecord | None:
     """A job's record from its flow run (None if the run is not a stablenew job)."""
     job = job_from_parameters(flow_run.parameters)
     if job is None:
