@@ -20,19 +20,23 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from typing import Any, cast
+from uuid import UUID
 
+import httpx
 from prefect import tags
 from prefect.client.orchestration import SyncPrefectClient, get_client
-from prefect.client.schemas.objects import FlowRun, State
+from prefect.client.schemas.actions import FlowRunCreate
+from prefect.client.schemas.objects import FlowRun, FlowRunPolicy, State
 from prefect.client.schemas.responses import OrchestrationResult, SetStateStatus
 from prefect.context import SyncClientContext
 from prefect.flow_engine import run_flow
-from prefect.states import Cancelled, Pending
+from prefect.states import Cancelled, Pending, to_state_create
 
 from deployments import PRIORITY_QUEUES, ensure_pin_queue
 from flows.pipeline import pipeline
 from stablenew_core import _prefect_internals
 
+from .errors import JobStateError
 from .jobs import Job, JobRecord
 from .notify import notify_record
 from .prefect_env import ensure_result_storage, prefect_settings
@@ -60,6 +64,7 @@ class SingleNodeJobRunner:
         self._job_thread: ThreadPoolExecutor | None = None
         self._reaper: Reaper
         self._clients = threading.local()
+        self._flow_ids: dict[str, UUID] = {}
         self.jobs_run = 0
         _prefect_internals.install()
 
@@ -92,23 +97,79 @@ class SingleNodeJobRunner:
     # -- direct -----------------------------------------------------------------------------
 
     def run_once(self, job: Job) -> JobRecord:
-        """Run ``job`` now, in this process, through the pipeline flow; return its final record."""
+        """Run ``job`` now, in this process, through the pipeline flow; return its final record.
+
+        The flow run is created with the job's idempotency key (else its id), so the check for
+        a repeat is the creation itself: atomic across processes and one indexed lookup on the
+        server however long the history. A job already recorded is not run again; the record
+        of its run is returned.
+        """
         ensure_result_storage(self.settings)
         installed = installed_control()
         control = RunControl(progress=installed.progress if installed else None)
         with (
-            self.prefect_client(),
+            self.prefect_client() as client,
             use_runtime(self.runtime),
             use_control(control),
             tags(*job.tags()),
         ):
-            state = pipeline(job, return_state=True)
+            flow_run, created = self._create_direct_run(client, job)
+            if not created:
+                logger.info("job %s was already submitted; returning its record", job.job_id)
+                return self._recorded(flow_run)
+            state = cast(
+                State,
+                run_flow(pipeline, flow_run=flow_run, parameters={"job": job}, return_type="state"),
+            )
             _prefect_internals.release_job_services()
-            flow_run_id = state.state_details.flow_run_id
-            if flow_run_id is not None and not state.is_final():
-                state = _finish_cancelled(flow_run_id, state)
-        record = record_from_state(job, state, flow_run_id)
+            if not state.is_final():
+                state = _finish_cancelled(flow_run.id, state)
+        record = record_from_state(job, state, flow_run.id)
         notify_record(self.settings, record)
+        return record
+
+    def _create_direct_run(self, client: SyncPrefectClient, job: Job) -> tuple[FlowRun, bool]:
+        """The job's flow run, created Pending unless its key exists; and whether it is new."""
+        for attempt in (1, 2):
+            create = FlowRunCreate(
+                flow_id=self._flow_id(client, refresh=attempt > 1),
+                flow_version=pipeline.version,
+                name=f"{job.source}-{job.job_id}",
+                parameters=pipeline.serialize_parameters({"job": job}),
+                tags=job.tags(),
+                idempotency_key=job.idempotency_key or job.job_id,
+                state=to_state_create(Pending()),
+                empirical_policy=FlowRunPolicy(
+                    retries=pipeline.retries, retry_delay=int(pipeline.retry_delay_seconds or 0)
+                ),
+            )
+            try:
+                response = client.request(
+                    "POST", "/flow_runs/", json=create.model_dump(mode="json", exclude_unset=True)
+                )
+            except httpx.HTTPStatusError as exc:
+                # The flow's id is cached per process: a flow deleted since fails the insert.
+                if attempt == 1 and exc.response.status_code in (404, 409, 422):
+                    continue
+                raise
+            flow_run = FlowRun.model_validate(response.json())
+            return flow_run, response.status_code == 201
+        raise AssertionError("unreachable")
+
+    def _flow_id(self, client: SyncPrefectClient, *, refresh: bool = False) -> UUID:
+        key = str(client.api_url)
+        if refresh or key not in self._flow_ids:
+            self._flow_ids[key] = client.create_flow_from_name(pipeline.name)
+        return self._flow_ids[key]
+
+    def _recorded(self, flow_run: FlowRun) -> JobRecord:
+        """The record of an existing run, outputs included (read from its artifacts)."""
+        from .history import JobHistoryStore
+
+        existing = job_from_parameters(flow_run.parameters)
+        record = JobHistoryStore(self.settings).find(existing.job_id) if existing else None
+        if record is None:
+            raise JobStateError(f"flow run {flow_run.id} exists for this key but is not a job")
         return record
 
     # -- queue ------------------------------------------------------------------------------

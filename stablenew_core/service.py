@@ -177,7 +177,8 @@ class JobService:
     def submit_direct(self, job: Job) -> JobRecord:
         """Run ``job`` now, synchronously, in this process; return its final record.
 
-        A job whose id is already recorded is not run again: its record is returned.
+        A job whose idempotency key (else id) is already recorded is not run again: the record
+        of its run is returned (the creation of the flow run itself is the check).
         """
         if job.run_mode != "direct":
             raise RunModeError(
@@ -185,14 +186,7 @@ class JobService:
                 f"(job {job.job_id}); use submit_queued or submit"
             )
         self._ensure_server()
-        with self.runner.prefect_client():  # the duplicate check and the run share one client
-            existing = self.history.find(job.job_id)
-            if existing is None and job.idempotency_key:
-                existing = self.history.find(key=job.idempotency_key)
-            if existing is not None:
-                logger.info("job %s was already submitted; returning its record", job.job_id)
-                return existing
-            return self.runner.run_once(job)
+        return self.runner.run_once(job)
 
     def submit_queued(self, job: Job) -> JobRecord:
         """Create a deployment run for ``job`` on the pool; return at once (status queued).

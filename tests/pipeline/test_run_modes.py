@@ -216,6 +216,34 @@ def test_same_job_submitted_twice_is_one_run(settings: Settings, webui: Any) -> 
     assert len(generations_for(webui, direct.job_id)) == 1
 
 
+def test_one_direct_job_raced_from_two_threads_runs_once(settings: Settings, webui: Any) -> None:
+    import threading
+
+    controller = PipelineController(settings=settings)
+    key = f"race-{time.time_ns()}"
+    jobs = [
+        controller.build_job(
+            CONFIG, run_mode="direct", source="run", prompt_source="manual", idempotency_key=key
+        )
+        for _ in range(2)
+    ]  # two job objects, one key: the second is a repeat whichever thread gets there first
+    start = threading.Barrier(2)
+    records: list[Any] = []
+
+    def submit(job: Job) -> None:
+        start.wait()
+        records.append(controller.service.submit(job))
+
+    threads = [threading.Thread(target=submit, args=(job,)) for job in jobs]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert len(records) == 2 and records[0].flow_run_id == records[1].flow_run_id
+    generated = [g for job in jobs for g in generations_for(webui, job.job_id)]
+    assert len(generated) == 1
+
+
 def test_direct_job_reports_progress_to_the_caller_and_to_a_prefect_artifact(
     settings: Settings, webui: Any
 ) -> None:
