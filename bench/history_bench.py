@@ -986,6 +986,25 @@ def markdown(table: Table) -> str:
     return "\n".join(lines) + "\n"
 
 
+def library() -> str:
+    """Where stablenew_core is imported from, its commit, and whether history.py is edited."""
+    import stablenew_core
+
+    repo = Path(stablenew_core.__file__).resolve().parent.parent
+    try:
+        head = subprocess.run(
+            ["git", "-C", str(repo), "rev-parse", "--short", "HEAD"],
+            capture_output=True, text=True, check=True,
+        ).stdout.strip()  # fmt: skip
+        edited = subprocess.run(
+            ["git", "-C", str(repo), "status", "--porcelain", "stablenew_core/history.py"],
+            capture_output=True, text=True, check=True,
+        ).stdout.strip()  # fmt: skip
+    except (OSError, subprocess.CalledProcessError):
+        return f"{repo} (not a git checkout)"
+    return f"{repo} at {head}" + (" (history.py edited)" if edited else "")
+
+
 def _interrupt(*_: object) -> None:
     raise KeyboardInterrupt
 
@@ -1038,7 +1057,7 @@ def main() -> int:
     for table in tables:
         console.print(table)
     measured = f"only {sorted(only)}; sizes {sizes}; backends {backends}; jobs {args.jobs}"
-    console.print(f"total {time.monotonic() - started:.0f} s; {measured}")
+    console.print(f"total {time.monotonic() - started:.0f} s; {measured}; library {library()}")
     if args.markdown:
         args.markdown.write_text("\n".join(markdown(t) for t in tables))
     return 0
