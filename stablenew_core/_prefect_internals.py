@@ -183,33 +183,41 @@ def install_server_patches() -> None:
 
 
 def release_job_services() -> None:
-    """Stop Prefect's per-tag-set concurrency services once a job has ended.
+    """Stop Prefect's tag-concurrency slot services once a job has ended.
 
-    Prefect acquires tag concurrency slots for every tagged task run through a service keyed by
-    the run's exact tag set, each with its own thread and client, kept for the life of the
-    process. A job's tags include ``job:<id>``, so a long-lived worker would keep one more
-    thread, connection and ~2 MB per job (measured by ``bench/gap_attribution.py``). The next
-    tagged task run simply starts a new service. Non-blocking.
+    Prefect acquires tag concurrency slots for a tagged task run (when a ``tag:`` limit exists,
+    see :data:`tag_limits`) through a service keyed by the run's exact tag set, each with its
+    own thread and client, kept for the life of the process. A job's tags include
+    ``job:<id>``, so a long-lived worker would keep one more thread, connection and ~2 MB per
+    job (measured by ``bench/gap_attribution.py``). The next tagged task run simply starts a new
+    service. Only those services are stopped: Prefect keeps every queue service (the events and
+    log workers too) in one registry, and its ``drain_all`` would stop them all. Non-blocking.
     """
-    from prefect.concurrency.services import ConcurrencySlotAcquisitionWithLeaseService
+    from prefect.concurrency.services import ConcurrencySlotAcquisitionWithLeaseService as Slots
 
-    ConcurrencySlotAcquisitionWithLeaseService.drain_all(timeout=0, at_exit=False)
+    registry: dict[int, Any] = Slots._instances  # type: ignore[misc]
+    with Slots._instance_cache_lock:
+        services = [service for service in registry.values() if isinstance(service, Slots)]
+    for service in services:
+        service._drain(at_exit=False)
 
 
 def check_service_internals() -> None:
     """Raise :class:`PrefectInternalsChanged` unless the concurrency service is as expected."""
     try:
-        from prefect.concurrency.services import ConcurrencySlotAcquisitionWithLeaseService
+        from prefect.concurrency.services import ConcurrencySlotAcquisitionWithLeaseService as Slots
     except ImportError as exc:
         raise PrefectInternalsChanged(f"prefect.concurrency.services moved: {exc}") from exc
-    drain_all = getattr(ConcurrencySlotAcquisitionWithLeaseService, "drain_all", None)
-    if drain_all is None or list(inspect.signature(drain_all).parameters) != [
-        "timeout",
-        "at_exit",
-    ]:
-        raise PrefectInternalsChanged(
-            "ConcurrencySlotAcquisitionWithLeaseService.drain_all(timeout, at_exit) is gone"
-        )
+    problems = []
+    if not isinstance(getattr(Slots, "_instances", None), dict):
+        problems.append("the queue services' _instances registry is gone")
+    if not hasattr(Slots, "_instance_cache_lock"):
+        problems.append("the queue services' _instance_cache_lock is gone")
+    drain = getattr(Slots, "_drain", None)
+    if drain is None or list(inspect.signature(drain).parameters) != ["self", "at_exit"]:
+        problems.append("ConcurrencySlotAcquisitionWithLeaseService._drain(self, at_exit) is gone")
+    if problems:
+        raise PrefectInternalsChanged("; ".join(problems))
 
 
 _skip_suspension_observer: ContextVar[bool] = ContextVar(

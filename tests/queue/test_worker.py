@@ -161,9 +161,29 @@ def test_service_guard_passes_and_fails_loudly(monkeypatch: pytest.MonkeyPatch) 
 
     check_service_internals()
 
-    def moved(cls: Any) -> None:  # an upgrade that changed drain_all's parameters
+    def moved(self: Any) -> None:  # an upgrade that changed _drain's parameters
         return None
 
-    monkeypatch.setattr(ConcurrencySlotAcquisitionWithLeaseService, "drain_all", classmethod(moved))
-    with pytest.raises(PrefectInternalsChanged, match="drain_all"):
+    monkeypatch.setattr(ConcurrencySlotAcquisitionWithLeaseService, "_drain", moved)
+    with pytest.raises(PrefectInternalsChanged, match="_drain"):
         check_service_internals()
+
+
+def test_releasing_job_services_keeps_the_events_and_log_workers(settings: Settings) -> None:
+    """Only the tag-slot services stop after a job; Prefect's events and log workers live on."""
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+
+    from stablenew_core._prefect_internals import release_job_services
+    from stablenew_core.prefect_env import prefect_settings
+
+    controller = PipelineController(settings=settings)
+    (first,) = controller.run(SMALL)
+    with prefect_settings(settings):
+        events, logs = EventsWorker.instance(), APILogWorker.instance()
+    release_job_services()
+    (second,) = controller.run(SMALL)
+    assert first.status == second.status == "completed"
+    with prefect_settings(settings):
+        assert EventsWorker.instance() is events
+        assert APILogWorker.instance() is logs
