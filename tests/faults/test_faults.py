@@ -74,13 +74,20 @@ def test_worker_killed_three_times_during_a_30_job_queue(
         for round_ in range(1, 4):
             worker = start_worker()
             wait_for(lambda n=6 * round_: completed() >= n, timeout=120)
-            running = wait_for(
+            wait_for(
                 lambda: [r for r in drained(settings, ids).values() if r.status == "running"],
                 timeout=60,
                 poll=0.02,
             )
-            victims.append(running[0].job_id)
             worker.kill()
+            # Read the victim after the kill: jobs are short, the one seen running before it
+            # may have ended (and the next begun) in between. A run killed mid-job stays
+            # Running until the next worker reaps it.
+            victims.extend(
+                r.job_id for r in drained(settings, ids).values() if r.status == "running"
+            )
+        assert victims, "no kill landed on a running job"
+
         start_worker()
         wait_for(
             lambda: (
