@@ -127,7 +127,9 @@ class JobHistoryStore:
         with self._lock:
             if self._shared is None:
                 with prefect_settings(self.settings):
-                    client = get_client(sync_client=True)
+                    # httpx_settings={} (Prefect's defaults): always a client of its own, never
+                    # the one of a surrounding client context (a flow run's, a runner's).
+                    client = get_client(sync_client=True, httpx_settings={})
                     client.__enter__()  # held open until close(); with-blocks never close it
                 self._shared = client
             return self._shared

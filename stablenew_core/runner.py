@@ -167,7 +167,8 @@ class SingleNodeJobRunner:
         from .history import JobHistoryStore
 
         existing = job_from_parameters(flow_run.parameters)
-        record = JobHistoryStore(self.settings).find(existing.job_id) if existing else None
+        with JobHistoryStore(self.settings) as history:
+            record = history.find(existing.job_id) if existing else None
         if record is None:
             raise JobStateError(f"flow run {flow_run.id} exists for this key but is not a job")
         return record
