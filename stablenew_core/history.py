@@ -20,7 +20,8 @@ import contextlib
 import threading
 from collections.abc import Iterable, Iterator
 from datetime import datetime
-from typing import Any
+from enum import Enum
+from typing import Any, Literal, TypeVar
 from uuid import UUID
 
 from prefect.client.orchestration import SyncPrefectClient, get_client
@@ -44,6 +45,8 @@ from .records import record_from_flow_run, state_types_for
 from .settings import Settings
 
 PAGE_SIZE = 200
+
+_Row = TypeVar("_Row", bound=BaseModel)
 
 # A status filter matching at most this many runs (of any flow) is sent as ``state type in
 # (...)``, which the server reads from its state-type index and then sorts; more, and it is
@@ -90,6 +93,31 @@ class _ArtifactFields(BaseModel):
 
 _RUNS = TypeAdapter(list[_RunFields])
 _ARTIFACTS = TypeAdapter(list[_ArtifactFields])
+
+
+def _filter_page(
+    client: SyncPrefectClient,
+    path: Literal["/flow_runs/filter", "/artifacts/filter"],
+    where: BaseModel,
+    sort: Enum,
+    rows: TypeAdapter[list[_Row]],
+    *,
+    limit: int,
+    offset: int,
+) -> list[_Row]:
+    """One page of Prefect's public ``POST /<resource>/filter`` endpoints (the body Prefect's
+    own ``read_*`` methods send), parsed into slim rows instead of Prefect's full models."""
+    response = client.request(
+        "POST",
+        path,
+        json={
+            path.split("/")[1]: where.model_dump(mode="json", exclude_unset=True),
+            "sort": sort.value,
+            "limit": limit,
+            "offset": offset,
+        },
+    )
+    return rows.validate_json(response.content)
 
 
 def filter_tags(
@@ -224,17 +252,15 @@ class JobHistoryStore:
         )
         artifacts: builtins.list[_ArtifactFields] = []
         while True:  # a resumed job has two outputs artifacts: page until all are read
-            response = client.request(
-                "POST",
+            page = _filter_page(
+                client,
                 "/artifacts/filter",
-                json={
-                    "artifacts": artifact_filter.model_dump(mode="json", exclude_unset=True),
-                    "sort": ArtifactSort.CREATED_DESC.value,
-                    "limit": PAGE_SIZE,
-                    "offset": len(artifacts),
-                },
+                artifact_filter,
+                ArtifactSort.CREATED_DESC,
+                _ARTIFACTS,
+                limit=PAGE_SIZE,
+                offset=len(artifacts),
             )
-            page = _ARTIFACTS.validate_json(response.content)
             artifacts.extend(page)
             if len(page) < PAGE_SIZE:
                 break
@@ -267,17 +293,15 @@ class JobHistoryStore:
     ) -> builtins.list[_RunFields]:
         """One page of ``/flow_runs/filter`` (Prefect's public endpoint, the body Prefect's
         ``read_flow_runs`` sends), newest first, parsed into :class:`_RunFields`."""
-        response = client.request(
-            "POST",
+        return _filter_page(
+            client,
             "/flow_runs/filter",
-            json={
-                "flow_runs": flow_filter.model_dump(mode="json", exclude_unset=True),
-                "sort": FlowRunSort.EXPECTED_START_TIME_DESC.value,
-                "limit": limit,
-                "offset": offset,
-            },
+            flow_filter,
+            FlowRunSort.EXPECTED_START_TIME_DESC,
+            _RUNS,
+            limit=limit,
+            offset=offset,
         )
-        return _RUNS.validate_json(response.content)
 
     def list(
         self,
