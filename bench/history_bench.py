@@ -310,6 +310,16 @@ def seed_api(
     return sorted(seeded, key=lambda s: s.index)
 
 
+def _tables(db: Any) -> tuple[Any, Any, Any, Any]:
+    """Prefect's flow_run, flow_run_state, artifact and artifact_collection tables."""
+    return (
+        db.FlowRun.__table__,
+        db.FlowRunState.__table__,
+        db.Artifact.__table__,
+        db.ArtifactCollection.__table__,
+    )
+
+
 class BulkSeeder:
     """Bulk inserts into the server's own database through Prefect's server ORM layer.
 
@@ -407,12 +417,7 @@ class BulkSeeder:
         import sqlalchemy as sa
 
         db = self._db()
-        runs, states, artifacts, collections = (
-            db.FlowRun.__table__,
-            db.FlowRunState.__table__,
-            db.Artifact.__table__,
-            db.ArtifactCollection.__table__,
-        )
+        runs, states, artifacts, collections = _tables(db)
         out: dict[uuid.UUID, dict[str, Any]] = {}
         try:
             async with db.session_context() as session:
@@ -535,12 +540,7 @@ class BulkSeeder:
         import sqlalchemy as sa
 
         db = self._db()
-        runs, states, artifacts, collections = (
-            db.FlowRun.__table__,
-            db.FlowRunState.__table__,
-            db.Artifact.__table__,
-            db.ArtifactCollection.__table__,
-        )
+        runs, states, artifacts, collections = _tables(db)
         try:
             for lo in range(0, len(batch), self.BATCH):
                 part = batch[lo : lo + self.BATCH]
