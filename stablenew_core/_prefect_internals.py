@@ -72,7 +72,7 @@ def check_internals() -> None:
             f"{PINNED_PREFECT_VERSION}"
         )
     original = getattr(flow_engine, "_send_heartbeats", None)
-    original = getattr(original, "__wrapped_original__", original)
+    original = _original(original)
     if original is None:
         problems.append("prefect.flow_engine._send_heartbeats is gone")
     else:
@@ -141,7 +141,7 @@ def check_server_internals() -> None:
     problems = []
     config = getattr(configurations, "AioSqliteConfiguration", None)
     begin = getattr(config, "begin_transaction", None)
-    begin = getattr(begin, "__wrapped_original__", begin)
+    begin = _original(begin)
     if begin is None:
         problems.append("AioSqliteConfiguration.begin_transaction is gone")
     else:

@@ -9,7 +9,6 @@ idempotency key: submitting the same job twice makes one run.
 
 from __future__ import annotations
 
-import logging
 import shutil
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -51,9 +50,6 @@ from .records import build_record, job_from_parameters, record_from_flow_run, st
 from .runner import SingleNodeJobRunner
 from .server import ensure_server
 from .settings import Settings
-
-logger = logging.getLogger("stablenew_core")
-
 
 PAGE_LIMIT = 200
 RETRYABLE_STATUSES = frozenset({"failed", "crashed", "cancelled"})
