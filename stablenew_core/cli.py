@@ -55,22 +55,19 @@ OutputOpt = Annotated[
 def _settings(**overrides: Any) -> Settings:
     try:
         settings = get_settings(**overrides)
-    except ValidationError as exc:  # settings hide their inputs: a value may be a secret
-        raise ConfigError(
-            "invalid setting: "
-            + "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
-        ) from exc
+    except ValidationError as exc:  # never echo a setting's value: it may be a secret
+        raise ConfigError(_validation_message(exc, "setting", show_input=False)) from exc
     # Before Prefect is imported: its process-wide settings (used by its background threads)
     # must point at the same server as ours.
     configure_process(settings)
     return settings
 
 
-def _validation_message(exc: ValidationError, what: str) -> str:
+def _validation_message(exc: ValidationError, what: str, *, show_input: bool = True) -> str:
     parts = []
     for error in exc.errors():
         where = ".".join(str(p) for p in error["loc"]) or what
-        got = "" if "input" not in error else f" (got {error['input']!r})"
+        got = f" (got {error['input']!r})" if show_input and "input" in error else ""
         parts.append(f"{where}: {error['msg']}{got}")
     return f"invalid {what}: " + "; ".join(parts)
 

@@ -93,3 +93,13 @@ def test_cli_names_the_field_and_the_bad_value() -> None:
     assert result.exit_code == 2 and "prompt" in result.output
     result = runner.invoke(app, ["retry", "abc", "--set", "novalue"])
     assert result.exit_code == 2 and "FIELD=VALUE" in result.output
+
+
+def test_cli_names_a_bad_setting_but_never_echoes_its_value() -> None:
+    secret_like = "hunter2-not-a-port"
+    result = CliRunner().invoke(
+        app, ["history"], env={"STABLENEW_SERVER_PORT": secret_like}, catch_exceptions=False
+    )
+    assert result.exit_code == 2
+    assert "server_port" in result.output and "invalid setting" in result.output
+    assert secret_like not in result.output
