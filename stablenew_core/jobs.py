@@ -7,6 +7,7 @@ one, and :func:`job_tags` the one place that names a job's tags. No Prefect impo
 
 from __future__ import annotations
 
+import json
 import logging
 import uuid
 from datetime import UTC, datetime
@@ -95,6 +96,16 @@ class Job(BaseModel):
     @classmethod
     def _case_insensitive(cls, value: object) -> object:
         return _lower(value)
+
+    @field_validator("config_snapshot")
+    @classmethod
+    def _plain_json(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        """The snapshot is recorded as JSON in Prefect: it must survive the round trip."""
+        try:
+            json.dumps(value, allow_nan=False)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"must be plain JSON (finite numbers): {exc}") from exc
+        return value
 
     @field_validator("created_at")
     @classmethod

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 from typer.testing import CliRunner
@@ -71,6 +71,7 @@ job_dicts = st.fixed_dictionaries(
 
 @settings(max_examples=3000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(job_dicts)
+@example({"config": {"prompt": "ok"}, "config_snapshot": {"": float("inf")}})  # found by the fuzz
 def test_job_validation_only_ever_raises_validation_error(data: dict[str, Any]) -> None:
     try:
         job = Job.model_validate(data)
